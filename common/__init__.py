@@ -1,0 +1,1 @@
+"""Framework-neutral core shared by both backends (numpy, PIL, yaml only)."""
