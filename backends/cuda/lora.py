@@ -1,0 +1,71 @@
+"""LoRA on the PyTorch backend: PEFT adapters for training, merged weights for inference."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+from peft import LoraConfig
+
+from common.lora import TEXT_TARGETS, UNET_TARGETS, LoraPair, LoraSet
+from common.errors import UserError
+
+
+def _module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Find a module by its on-disk path, with or without transformers' `text_model.` level."""
+    for candidate in (path, "text_model." + path, path.removeprefix("text_model.")):
+        try:
+            return root.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise UserError(f"LoRA layer {path} not found in the model")
+
+
+def _roots(unet, text_encoder) -> Dict[str, torch.nn.Module]:
+    return {"unet": unet, "text_encoder": text_encoder}
+
+
+@torch.no_grad()
+def merge_lora(unet, text_encoder, lora: LoraSet, scale: float) -> None:
+    """W += scale * alpha/rank * up @ down, in place (inference: no extra matmuls per step)."""
+    roots = _roots(unet, text_encoder)
+    for target, pair in lora.items():
+        component, path = target.split(":", 1)
+        layer = _module(roots[component], path)
+        delta = torch.from_numpy(pair.delta(scale)).to(layer.weight.device, torch.float32)
+        layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
+
+
+def add_adapters(unet, text_encoder, lora: LoraSet, rank: int, alpha: float) -> None:
+    """Attach trainable PEFT adapters and set them to the given (seeded) initial values."""
+    if any(t.startswith("unet:") for t in lora):
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(UNET_TARGETS),
+                                    init_lora_weights="gaussian"))
+    if any(t.startswith("text_encoder:") for t in lora):
+        text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_TARGETS),
+                                            init_lora_weights="gaussian"))
+    roots = _roots(unet, text_encoder)
+    with torch.no_grad():
+        for target, pair in lora.items():
+            component, path = target.split(":", 1)
+            layer = _module(roots[component], path)
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(pair.down))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(pair.up))
+
+
+def lora_parameters(unet, text_encoder, targets) -> Dict[str, torch.nn.Parameter]:
+    roots = _roots(unet, text_encoder)
+    out = {}
+    for target in targets:
+        component, path = target.split(":", 1)
+        layer = _module(roots[component], path)
+        out[target + ".down"] = layer.lora_A["default"].weight
+        out[target + ".up"] = layer.lora_B["default"].weight
+    return out
+
+
+def export_lora(unet, text_encoder, targets, alpha: float) -> LoraSet:
+    params = lora_parameters(unet, text_encoder, targets)
+    return {t: LoraPair(down=params[t + ".down"].detach().float().cpu().numpy(),
+                        up=params[t + ".up"].detach().float().cpu().numpy(), alpha=float(alpha))
+            for t in targets}

@@ -1,0 +1,49 @@
+"""Inference on the PyTorch backend: text encoder, UNet and VAE decoder behind numpy in/out."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from common.arch import ModelArch
+from common.lora import LoraSet
+from .device import compute_dtype, pick_device
+from .lora import merge_lora
+from .models import load_models
+
+
+class Pipeline:
+    def __init__(self, arch: ModelArch, weights: Optional[Dict[str, np.ndarray]] = None, *,
+                 precision: str = "auto", lora: Optional[LoraSet] = None, lora_scale: float = 1.0,
+                 models=None, device: Optional[torch.device] = None):
+        self.arch = arch
+        self.device = device or pick_device()
+        self.dtype = compute_dtype(precision, self.device)
+        if models is None:
+            unet, vae, text, _ = load_models(arch, weights)
+            if lora:
+                merge_lora(unet, text, lora, lora_scale)
+            models = (unet, vae, text)
+            for m in models:
+                m.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.unet, self.vae, self.text_encoder = models
+        self.device_name = str(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, ids: np.ndarray) -> torch.Tensor:
+        ids = torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray, t: int, context: torch.Tensor) -> np.ndarray:
+        sample = torch.from_numpy(np.asarray(x, np.float32)).to(self.device, self.dtype)
+        timestep = torch.full((sample.shape[0],), int(t), device=self.device, dtype=torch.long)
+        out = self.unet(sample, timestep, encoder_hidden_states=context.to(self.dtype)).sample
+        return out.float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.asarray(latents, np.float32) / self.arch.scale_factor)
+        images = self.vae.decode(z.to(self.device, self.vae.dtype)).sample
+        return images.float().cpu().numpy()

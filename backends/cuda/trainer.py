@@ -1,0 +1,269 @@
+"""The PyTorch training step: vanilla, DreamBooth (prior preservation) and LoRA.
+
+Everything random arrives in the batch from common.train_loop (posterior noise, diffusion noise,
+offset noise, timesteps and their schedule coefficients, loss weights), so this file is only the
+arithmetic: encode, noise, predict, weighted MSE, AdamW. Data parallelism comes from accelerate.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from common import keymap
+from common.arch import ModelArch
+from common.errors import UserError
+from common.lora import LoraSet
+from .device import compute_dtype
+from .lora import add_adapters, export_lora, lora_parameters
+from .models import load_models, module_weights
+from .pipeline import Pipeline
+
+log = logging.getLogger("backends.cuda")
+
+
+class Trainer:
+    def __init__(self, arch: ModelArch, weights: Dict[str, np.ndarray], args, lora_init: Optional[LoraSet] = None):
+        self.arch = arch
+        self.args = args
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        if self.device.type != "cuda" and self.accelerator.is_main_process:
+            log.warning("backend cuda: no CUDA device found, training on CPU in fp32")
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.dtype = compute_dtype(args.mixed_precision, self.device)
+        self.unet, self.vae, self.text_encoder, parts = load_models(arch, weights)
+        self.base_parts = parts           # untouched components and extras, for saving
+        self.lora_targets = sorted(lora_init) if lora_init else []
+        self.lora_alpha = float(args.lora_alpha or args.lora_rank)
+        self.train_text = bool(args.train_text_encoder) and not args.use_lora
+
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.requires_grad_(False)
+        if args.use_lora:
+            add_adapters(self.unet, self.text_encoder, lora_init, args.lora_rank, self.lora_alpha)
+            params = lora_parameters(self.unet, self.text_encoder, self.lora_targets)
+            self.trainable = {k: p for k, p in params.items()}
+        else:
+            self.unet.requires_grad_(True)
+            self.trainable = {"unet." + k: p for k, p in self.unet.named_parameters()}
+            if self.train_text:
+                self.text_encoder.requires_grad_(True)
+                self.trainable.update({"text_encoder." + k: p for k, p in self.text_encoder.named_parameters()})
+        for p in self.trainable.values():
+            p.requires_grad_(True)
+            p.data = p.data.float()           # fp32 master weights, whatever the compute dtype
+        self.text_trainable = any(k.startswith("text_encoder") for k in self.trainable)
+
+        frozen_dtype = self.dtype if self.dtype != torch.float32 else torch.float32
+        self.vae.to(self.device, frozen_dtype).eval()
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
+        if not self.text_trainable:
+            self.text_encoder.to(frozen_dtype).eval()
+        if args.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.text_trainable:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.unet.train()
+        if self.text_trainable:
+            self.text_encoder.train()
+
+        params = list(self.trainable.values())
+        betas = tuple(args.betas)
+        self.optimizer = (torch.optim.AdamW(params, lr=args.start_learning_rate, betas=betas,
+                                            eps=args.adam_epsilon, weight_decay=args.weight_decay)
+                          if args.optim == "adamw" else
+                          torch.optim.Adam(params, lr=args.start_learning_rate, betas=betas, eps=args.adam_epsilon))
+        self.scaler = None
+        if self.dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda", init_scale=args.init_loss_scale,
+                                               growth_factor=args.loss_scale_factor,
+                                               backoff_factor=1.0 / args.loss_scale_factor,
+                                               growth_interval=args.scale_window)
+        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        if self.text_trainable:
+            self.text_encoder = self.accelerator.prepare(self.text_encoder)
+        self.ema: Optional[Dict[str, torch.Tensor]] = None
+        self.ema_updates = 0
+        if args.use_ema:
+            self.ema = {k: p.detach().clone() for k, p in self.trainable.items()}
+
+    # ------------------------------------------------------------------ the step
+    def _t(self, x: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, dtype)
+
+    def compute_loss(self, batch: Dict[str, np.ndarray]):
+        """Loss of one micro-batch (instance half first, class half after), as a tensor."""
+        images = batch["images"]
+        n_inst = int(batch["n_instance"])
+        with torch.no_grad():
+            posterior = self.vae.encode(self._t(images, self.vae.dtype)).latent_dist
+            z = posterior.mean.float() + posterior.std.float() * self._t(batch["latent_noise"])
+            z = z * self.arch.scale_factor
+        noise = self._t(batch["noise"])
+        a = self._t(batch["coef_a"]).view(-1, 1, 1, 1)
+        b = self._t(batch["coef_b"]).view(-1, 1, 1, 1)
+        noisy = a * z + b * noise
+        target = noise if self.arch.schedule.parameterization == "eps" else a * noise - b * z
+        timesteps = self._t(batch["timesteps"], torch.long)
+        ids = self._t(batch["ids"], torch.long)
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with autocast:
+            with torch.set_grad_enabled(self.text_trainable):
+                context = self.text_encoder(ids)[0]
+            pred = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)) * self._t(batch["loss_weights"])
+        instance = per_sample[:n_inst].mean()
+        prior = per_sample[n_inst:].mean() if len(per_sample) > n_inst else torch.zeros_like(instance)
+        loss = instance + float(batch["prior_loss_weight"]) * prior
+        return loss, instance, prior
+
+    def train_step(self, batch: Dict[str, np.ndarray], lr: float, update: bool) -> Dict[str, float]:
+        """Forward and backward of one micro-batch; with `update`, the optimizer step too."""
+        accum = self.args.gradient_accumulation_steps
+        models = [self.unet] + ([self.text_encoder] if self.text_trainable else [])
+        sync = update or self.world_size == 1
+        ctx = self.accelerator.no_sync(models[0]) if not sync else torch.enable_grad()
+        with ctx:
+            loss, instance, prior = self.compute_loss(batch)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} (NaN/inf); lower the learning rate or use "
+                                f"--mixed_precision bf16/no. The last good checkpoint is kept.")
+            scaled = loss / accum
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            self.accelerator.backward(scaled)
+        stats = {"loss": loss.item(), "instance_loss": instance.item(), "prior_loss": prior.item()}
+        if update:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            params = list(self.trainable.values())
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if self.args.clip_grad:
+                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm))
+            if self.scaler is not None:
+                scale_before = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)      # skipped when gradients overflowed
+                self.scaler.update()
+                stats["skipped"] = float(self.scaler.get_scale() < scale_before)
+                stats["loss_scale"] = self.scaler.get_scale()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None and not stats.get("skipped"):
+                self._update_ema()
+        return stats
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        self.ema_updates += 1
+        decay = self.args.ema_decay * (1 - np.exp(-self.ema_updates / 2000))
+        for k, p in self.trainable.items():
+            self.ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    # ------------------------------------------------------------------ outputs
+    def _current(self, use_ema: bool) -> Dict[str, torch.Tensor]:
+        return self.ema if (use_ema and self.ema is not None) else {k: p.detach() for k, p in self.trainable.items()}
+
+    @property
+    def _unet(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    @property
+    def _text(self):
+        return self.accelerator.unwrap_model(self.text_encoder)
+
+    def export_weights(self) -> Dict[str, np.ndarray]:
+        """The full model in the original single-file layout (EMA weights when --use_ema)."""
+        with self._swapped(self.ema):
+            parts = dict(self.base_parts)
+            parts["unet"] = module_weights(self._unet)
+            if self.train_text:
+                parts["text_encoder"] = module_weights(self._text)
+            return keymap.diffusers_to_ldm(parts, self.arch)
+
+    def export_lora(self) -> LoraSet:
+        with self._swapped(self.ema):
+            return export_lora(self._unet, self._text, self.lora_targets, self.lora_alpha)
+
+    class _Swap:
+        def __init__(self, trainer, values):
+            self.trainer, self.values, self.saved = trainer, values, None
+
+        def __enter__(self):
+            if self.values is not None:
+                self.saved = {k: p.detach().clone() for k, p in self.trainer.trainable.items()}
+                with torch.no_grad():
+                    for k, p in self.trainer.trainable.items():
+                        p.copy_(self.values[k])
+
+        def __exit__(self, *exc):
+            if self.saved is not None:
+                with torch.no_grad():
+                    for k, p in self.trainer.trainable.items():
+                        p.copy_(self.saved[k])
+
+    def _swapped(self, values):
+        return self._Swap(self, values)
+
+    def save_state(self, path: str) -> None:
+        """Optimizer, loss scaler, EMA and the trainable weights, for an exact resume."""
+        state = {"trainable": {k: p.detach().cpu() for k, p in self.trainable.items()},
+                 "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema is not None else None,
+                 "ema_updates": self.ema_updates}
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        import os
+        os.replace(tmp, path)
+
+    def load_state(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"cannot read training state {path}: {e.__class__.__name__}") from None
+        if set(state["trainable"]) != set(self.trainable):
+            raise UserError(f"training state {path} belongs to a different training mode or model")
+        with torch.no_grad():
+            for k, p in self.trainable.items():
+                p.copy_(state["trainable"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema = {k: v.to(self.device) for k, v in state["ema"].items()}
+        self.ema_updates = int(state.get("ema_updates", 0))
+
+    def pipeline(self) -> "EvalPipeline":
+        return EvalPipeline(self)
+
+
+class EvalPipeline(Pipeline):
+    """Inference with the models being trained (validation images), in eval mode while in use."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        super().__init__(trainer.arch, models=(trainer._unet, trainer.vae, trainer._text),
+                         device=trainer.device, precision="no")
+
+    def __enter__(self):
+        self.unet.eval()
+        self.text_encoder.eval()
+        return self
+
+    def __exit__(self, *exc):
+        self.unet.train()
+        if self.trainer.text_trainable:
+            self.text_encoder.train()
+
+    def decode(self, latents):
+        z = torch.from_numpy(np.asarray(latents, np.float32) / self.arch.scale_factor)
+        with torch.no_grad():
+            return self.vae.decode(z.to(self.device, self.vae.dtype)).sample.float().cpu().numpy()

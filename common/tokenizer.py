@@ -1,0 +1,193 @@
+"""CLIP byte-level BPE tokenizer, framework-neutral and offline.
+
+Both SD 1.x (HF CLIPTokenizer) and SD 2.x (OpenCLIP) use the same OpenAI CLIP vocabulary,
+`bpe_simple_vocab_16e6.txt.gz`; they differ only in the pad id. We read that file from the installed
+`open_clip` package (located without importing it: `import open_clip` pulls in torch/torchvision)
+or from a path the user gives (MindONE's `--tokenizer_path`).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import importlib.util
+import os
+import unicodedata
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import regex
+
+from .errors import UserError
+
+try:  # SD users' tokenizers (OpenAI CLIP, open_clip) run ftfy; fall back to plain NFC like HF's fast one
+    import ftfy
+except ImportError:  # pragma: no cover - ftfy is installed in our environments
+    ftfy = None
+
+VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
+# Line 0 of the vocab file is a header; the next 49152 - 256 - 2 lines are the merges CLIP uses
+# (256 byte tokens + 256 "</w>" tokens + merges + 2 specials = 49408 ids).
+NUM_MERGES = 49152 - 256 - 2
+
+# CLIP's pre-tokenizer: the special tokens, English contractions, letter runs, single digits,
+# and runs of anything else that is not whitespace.
+_WORD_RE = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2/CLIP map of every byte to a printable unicode character, so BPE never sees control
+    characters or whitespace: printable Latin-1 bytes map to themselves, the rest to 256 + n.
+    The dict's order (printable bytes first) is the order of the first 256 vocabulary ids."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def default_vocab_path() -> Optional[str]:
+    """Path of the vocab file shipped in the installed open_clip package, or None."""
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(folder, VOCAB_FILENAME)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def resolve_vocab_path(vocab_path: Optional[str] = None) -> str:
+    """An explicit path (the .gz file, or a folder holding it), else open_clip's copy."""
+    if vocab_path is None:
+        found = default_vocab_path()
+        if found is None:
+            raise UserError(f"CLIP vocabulary {VOCAB_FILENAME} not found: install open_clip_torch "
+                            f"or pass --tokenizer_path /path/to/{VOCAB_FILENAME}")
+        return found
+    path = os.path.expanduser(vocab_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, VOCAB_FILENAME)
+    if not os.path.isfile(path):
+        raise UserError(f"CLIP vocabulary not found: {path} (pass the path of {VOCAB_FILENAME}, "
+                        f"or install open_clip_torch and omit the path)")
+    return path
+
+
+class _Vocab:
+    """Parsed vocabulary: token -> id, merge ranks, and a per-word BPE cache shared by every
+    tokenizer built from the same file."""
+
+    def __init__(self, path: str):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            if raw[:2] == b"\x1f\x8b":  # gzip magic; also accept an unzipped copy
+                raw = gzip.decompress(raw)
+            lines = raw.decode("utf-8").split("\n")
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read CLIP vocabulary {path}: {e}") from None
+        merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+        if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+            raise UserError(f"not a CLIP BPE vocabulary (expected {NUM_MERGES} merge lines "
+                            f"of two symbols after the header): {path}")
+        self.byte_encoder = bytes_to_unicode()
+        base = list(self.byte_encoder.values())
+        tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges] + [SOT_TEXT, EOT_TEXT]
+        self.encoder: Dict[str, int] = {t: i for i, t in enumerate(tokens)}
+        self.ranks: Dict[Tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
+        self.sot = self.encoder[SOT_TEXT]
+        self.eot = self.encoder[EOT_TEXT]
+        # Bounded so a long-running process fed arbitrary prompts cannot grow without limit.
+        self.bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe)
+
+    def _bpe(self, word: str) -> Tuple[int, ...]:
+        """Ids of one pre-tokenized word: byte-encode, then apply merges lowest rank first."""
+        symbols = [self.byte_encoder[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        ranks = self.ranks
+        while len(symbols) > 1:
+            pairs = {(symbols[i], symbols[i + 1]) for i in range(len(symbols) - 1)}
+            best = min(pairs, key=lambda p: ranks.get(p, NUM_MERGES))
+            if best not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence of `best`, left to right
+                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return tuple(self.encoder[s] for s in symbols)
+
+
+_VOCABS: Dict[str, _Vocab] = {}
+
+
+def _load_vocab(path: str) -> _Vocab:
+    key = os.path.realpath(path)
+    if key not in _VOCABS:
+        _VOCABS[key] = _Vocab(path)
+    return _VOCABS[key]
+
+
+def clean_text(text: str) -> str:
+    """CLIP's text normalisation: ftfy, html-unescape twice, collapse whitespace, lowercase."""
+    text = ftfy.fix_text(text) if ftfy is not None else unicodedata.normalize("NFC", text)
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
+
+
+class CLIPTokenizer:
+    """CLIP tokenizer producing fixed-length int64 id arrays, as SD's text encoders expect.
+
+    `pad_token` is 49407 (<|endoftext|>) for SD 1.x's HF tokenizer and 0 for SD 2.x's OpenCLIP.
+    """
+
+    def __init__(self, context_length: int = 77, pad_token: int = 49407,
+                 vocab_path: Optional[str] = None):
+        if context_length < 2:
+            raise UserError(f"tokenizer context_length must be at least 2, got {context_length}")
+        self._vocab = _load_vocab(resolve_vocab_path(vocab_path))
+        self.context_length = context_length
+        self.pad_token = pad_token
+        self.sot_token = self._vocab.sot
+        self.eot_token = self._vocab.eot
+        self.vocab_size = len(self._vocab.encoder)
+
+    def encode(self, text: str) -> List[int]:
+        """BPE ids of `text` without SOT/EOT and without truncation."""
+        ids: List[int] = []
+        for word in _WORD_RE.findall(clean_text(text)):
+            special = self._vocab.encoder.get(word) if word in (SOT_TEXT, EOT_TEXT) else None
+            ids.extend((special,) if special is not None else self._vocab.bpe(word))
+        return ids
+
+    def __call__(self, texts: Union[str, List[str]]) -> np.ndarray:
+        """int64 [N, context_length]: SOT + ids + EOT, truncated keeping EOT last, then padded."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = np.full((len(texts), self.context_length), self.pad_token, dtype=np.int64)
+        for row, text in enumerate(texts):
+            ids = [self.sot_token] + self.encode(text)[: self.context_length - 2] + [self.eot_token]
+            out[row, : len(ids)] = ids
+        return out
+
+
+def tokenizer_for(text_arch, vocab_path: Optional[str] = None) -> CLIPTokenizer:
+    """Tokenizer matching a `common.arch.TextArch` (its context length and SD1/SD2 pad id)."""
+    return CLIPTokenizer(context_length=text_arch.context_length, pad_token=text_arch.pad_token,
+                         vocab_path=vocab_path)

@@ -1,0 +1,172 @@
+"""Flags of train_dreambooth.py: MindONE's names and defaults, plus what diffusers users expect.
+
+MindONE's keys keep their meaning. Where MindONE parses a key but ignores it (warmup_steps,
+end_learning_rate, decay_steps) we honour it, with a default that reproduces MindONE's behaviour.
+diffusers spellings are accepted as aliases of the same setting (e.g. --output_dir).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from .config import (UserArgumentParser, add_bool, backend_name, optional_float, optional_int,
+                     parse_with_config)
+from .errors import UserError
+
+TRAIN_DESCRIPTION = """\
+Fine-tune Stable Diffusion 1.x/2.x on a few images of a subject: vanilla fine-tuning
+(--with_prior_preservation False), DreamBooth with class-prior preservation, or LoRA (--use_lora True),
+on PyTorch/CUDA (--backend cuda) or MindSpore/Ascend (--backend ascend).
+Every key of --train_config is also a flag; flags given on the command line win."""
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = UserArgumentParser(prog="train_dreambooth.py", description=TRAIN_DESCRIPTION,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--train_config", default="", help="yaml with MindONE's keys; its values become defaults")
+    g.add_argument("--backend", type=backend_name, default="cuda",
+                   help="cuda (PyTorch; CUDA when present, else CPU) or ascend (MindSpore; Ascend when present, else CPU)")
+    g.add_argument("--model_config", "--config", default="configs/v2-inference.yaml",
+                   help="architecture yaml (LDM style), relative to the working dir or the repository")
+    g.add_argument("--pretrained_model_path", "--pretrained_model_name_or_path", default="",
+                   help="base checkpoint: original single-file .safetensors/.ckpt or a MindONE .ckpt")
+    g.add_argument("--output_path", "--output_dir", default="output",
+                   help="run folder: checkpoints in ckpt/, loss.csv, validation/, train_config.yaml")
+    g.add_argument("--resume", default=None, nargs="?", const="latest",
+                   help="continue the run in output_path from its latest checkpoint ('latest' or True), "
+                        "or from a given ckpt/train_state file")
+    add_bool(g, "--overwrite", default=False,
+             help="start over even though output_path already holds checkpoints (they are deleted)")
+    g.add_argument("--seed", type=int, default=3407, help="seed of every random stream (data, noise, timesteps)")
+    g.add_argument("--mode", type=int, default=0, choices=(0, 1),
+                   help="ascend backend: 0 = GRAPH_MODE, 1 = PYNATIVE_MODE")
+    add_bool(g, "--use_parallel", default=False,
+             help="data-parallel training (accelerate launch for cuda, msrun for ascend)")
+    g.add_argument("--max_device_memory", default="30GB", help="ascend backend: device memory cap")
+    g.add_argument("--log_level", default="INFO", help="logging level (MindONE's 'logging.INFO' works too)")
+    g.add_argument("--version", "-v", default=None, help="accepted for MindONE compatibility; the architecture comes from --model_config")
+    add_bool(g, "--unet_initialize_random", default=False, help="drop the base UNet weights and train it from random init")
+    add_bool(g, "--dataset_sink_mode", default=False, help="accepted for MindONE compatibility (ascend data sinking)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--instance_data_dir", default=None, help="folder with the 3-10 subject images")
+    g.add_argument("--instance_prompt", default=None, help="prompt naming the subject, e.g. 'a photo of sks dog'")
+    g.add_argument("--class_data_dir", default=None, help="folder of class images (generated for the shortfall)")
+    g.add_argument("--class_prompt", default=None, help="prompt of the subject's class, e.g. 'a photo of a dog'")
+    g.add_argument("--num_class_images", type=int, default=200, help="class images wanted in class_data_dir")
+    g.add_argument("--train_data_repeats", type=int, default=40, help="instance images are repeated this many times per epoch")
+    add_bool(g, "--random_crop", default=False, help="random crop (and flip, see --random_flip) instead of center crop")
+    add_bool(g, "--random_flip", default=None,
+             help="horizontal flip with p=0.5; default follows --random_crop as in MindONE")
+    add_bool(g, "--center_crop", default=None, help="diffusers spelling: True means --random_crop False")
+    g.add_argument("--image_size", "--resolution", type=int, default=512, help="training resolution in pixels")
+    g.add_argument("--tokenizer_path", default=None,
+                   help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); default: the one inside open_clip")
+
+    g = p.add_argument_group("method")
+    add_bool(g, "--with_prior_preservation", default=True,
+             help="DreamBooth class-prior preservation; False = vanilla fine-tuning on the instance images")
+    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class (prior) loss")
+    add_bool(g, "--train_text_encoder", default=True, help="also fine-tune the text encoder (full, or LoRA with --lora_ft_text_encoder)")
+    add_bool(g, "--use_lora", default=False, help="train LoRA adapters instead of the full weights")
+    add_bool(g, "--lora_ft_unet", default=True, help="LoRA on UNet attention to_q/to_k/to_v/to_out.0")
+    add_bool(g, "--lora_ft_text_encoder", default=False, help="LoRA on text-encoder q/k/v/out projections (needs --train_text_encoder)")
+    g.add_argument("--lora_rank", "--rank", type=int, default=4, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=optional_float, default=None,
+                   help="LoRA alpha (scale = alpha/rank); default = rank, i.e. scale 1 as in MindONE and diffusers")
+    add_bool(g, "--lora_fp16", default=True, help="ascend backend: LoRA layers compute in fp16 under mixed precision")
+    g.add_argument("--offset_noise", type=float, default=0.0,
+                   help="offset-noise strength (diffusers uses 0.1); 0 = off")
+    g.add_argument("--snr_gamma", type=optional_float, default=None,
+                   help="Min-SNR-gamma loss weighting (5.0 recommended); applied to instance and class halves alike")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=2, help="instance images per step per device (as many class images ride along)")
+    g.add_argument("--epochs", "--num_train_epochs", type=int, default=8, help="epochs over the repeated instance images")
+    g.add_argument("--max_train_steps", type=optional_int, default=None, help="total optimizer steps; overrides --epochs")
+    g.add_argument("--start_learning_rate", "--learning_rate", type=float, default=5e-6, help="learning rate (constant after warmup)")
+    g.add_argument("--end_learning_rate", type=optional_float, default=None, help="must not exceed start_learning_rate; with --decay_steps, linear decay to it")
+    g.add_argument("--decay_steps", type=int, default=0, help="steps of linear decay after warmup (0 = constant)")
+    g.add_argument("--warmup_steps", "--lr_warmup_steps", type=int, default=0,
+                   help="linear warmup steps (MindONE parses 200 but ignores it; 0 reproduces its constant LR)")
+    g.add_argument("--optim", default="adamw", choices=("adamw", "adam"), help="optimizer (torch.optim.AdamW arithmetic on both backends)")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="Adam betas")
+    g.add_argument("--weight_decay", "--adam_weight_decay", type=float, default=1e-2, help="decoupled weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    add_bool(g, "--clip_grad", default=False, help="clip the global gradient norm to --max_grad_norm")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm limit when --clip_grad")
+    g.add_argument("--mixed_precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
+                   help="auto = fp16 with loss scaling on GPU/Ascend, fp32 on CPU")
+    g.add_argument("--init_loss_scale", type=float, default=512, help="initial dynamic loss scale (fp16)")
+    g.add_argument("--loss_scale_factor", type=float, default=2, help="loss-scale growth/backoff factor")
+    g.add_argument("--scale_window", type=int, default=200, help="overflow-free steps before the loss scale grows")
+    add_bool(g, "--gradient_checkpointing", default=False, help="recompute activations in backward to save memory")
+    add_bool(g, "--use_ema", default=False, help="keep an EMA of the trained weights; checkpoints hold the EMA weights")
+    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warmed up as 1 - exp(-updates/2000) like MindONE)")
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--ckpt_save_interval", type=int, default=1, help="save every N epochs")
+    g.add_argument("--ckpt_save_steps", "--checkpointing_steps", type=optional_int, default=None,
+                   help="save every N optimizer steps instead of every ckpt_save_interval epochs")
+    g.add_argument("--ckpt_max_keep", "--checkpoints_total_limit", type=int, default=10,
+                   help="keep the last k checkpoints (MindONE keeps 10)")
+    g.add_argument("--save_format", default="safetensors", choices=("safetensors", "ckpt"),
+                   help="full checkpoints as original-layout .safetensors or torch .ckpt")
+    g.add_argument("--validation_prompts", "--validation_prompt", nargs="*", default=None,
+                   help="prompts sampled with a fixed seed every --validation_steps steps")
+    g.add_argument("--validation_steps", type=int, default=100, help="steps between validation images")
+    g.add_argument("--callback_size", type=int, default=1, help="log the loss every N steps")
+
+    g = p.add_argument_group("class images (prior preservation)")
+    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size of class-image generation")
+    g.add_argument("--sampling_steps", type=int, default=50, help="sampler steps for class and validation images")
+    g.add_argument("--sampler", default="ddim", help="sampler for class and validation images")
+    g.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale for class images")
+    return p
+
+
+def parse_train_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_train_parser()
+    args = parse_with_config(parser, argv)
+    return validate_train_args(args)
+
+
+def validate_train_args(args: argparse.Namespace) -> argparse.Namespace:
+    if args.center_crop is not None:
+        args.random_crop = not args.center_crop
+    if args.random_flip is None:
+        args.random_flip = args.random_crop
+    if not args.instance_data_dir:
+        raise UserError("--instance_data_dir is required (the folder with the subject images)")
+    if not args.instance_prompt:
+        raise UserError("--instance_prompt is required (e.g. 'a photo of sks dog')")
+    if args.with_prior_preservation:
+        if not args.class_data_dir:
+            raise UserError("--class_data_dir is required with --with_prior_preservation True")
+        if not args.class_prompt:
+            raise UserError("--class_prompt is required with --with_prior_preservation True")
+    else:
+        args.prior_loss_weight = 0.0
+    if args.end_learning_rate is not None and args.end_learning_rate > args.start_learning_rate:
+        raise UserError("--end_learning_rate must not exceed --start_learning_rate")
+    if args.use_lora:
+        if args.lora_ft_text_encoder and not args.train_text_encoder:
+            raise UserError("--lora_ft_text_encoder True needs --train_text_encoder True")
+        if not (args.lora_ft_unet or args.lora_ft_text_encoder):
+            raise UserError("--use_lora True needs --lora_ft_unet True and/or --lora_ft_text_encoder True")
+        if args.lora_alpha is None:
+            args.lora_alpha = float(args.lora_rank)
+    for key in ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "image_size",
+                "train_data_repeats", "sample_batch_size", "ckpt_max_keep", "validation_steps"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key} must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise UserError("--max_train_steps must be at least 1")
+    if args.resume is not None and str(args.resume).lower() in ("true", "latest"):
+        args.resume = "latest"
+    elif args.resume is not None and str(args.resume).lower() in ("false", "none", ""):
+        args.resume = None
+    args.log_level = str(args.log_level).replace("logging.", "").upper()
+    return args

@@ -1,0 +1,299 @@
+"""The training run, shared by both backends.
+
+This file owns everything around the step: the run folder, class images, data order, every random
+draw (so both backends see identical noise and timesteps), the learning-rate schedule, logging,
+checkpoints (keep the last k, written atomically), validation images and exact resume. The backend's
+Trainer only does the arithmetic of one micro-batch and the optimizer update.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checkpoint_io, lora as lora_fmt
+from .arch import ModelArch, load_arch
+from .class_images import ensure_class_images
+from .config import dump_args
+from .data import DreamBoothDataset
+from .errors import UserError
+from .generate import SampleSettings, text_to_image
+from .images import make_grid, save_png
+from .init_weights import random_weights
+from .rng import Streams
+from .schedule import NoiseSchedule
+from .tokenizer import tokenizer_for
+
+log = logging.getLogger("train")
+
+STATE_NAME = "train_state"
+_CKPT_RE = re.compile(r"^(?:sd|lora)-(\d+)(?:\.safetensors|\.ckpt)?$")
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warmup to start_learning_rate, then constant (or linear decay to end_learning_rate
+    over decay_steps). `step` counts optimizer steps already taken."""
+    lr = args.start_learning_rate
+    if args.warmup_steps and step < args.warmup_steps:
+        return lr * (step + 1) / args.warmup_steps
+    if args.decay_steps and args.end_learning_rate is not None:
+        progress = min(1.0, (step - args.warmup_steps) / args.decay_steps)
+        return lr + (args.end_learning_rate - lr) * progress
+    return lr
+
+
+def step_inputs(schedule: NoiseSchedule, args, micro: int, rank: int, world: int, batch_size: int,
+                latent_shape, with_class: bool) -> Dict[str, np.ndarray]:
+    """The random inputs of one micro-batch. They are drawn for the global batch (all ranks) and
+    sliced, so N processes with batch B see what one process with batch N*B sees."""
+    streams = Streams(args.seed)
+    halves = 2 if with_class else 1
+    g = batch_size * world
+    sl = slice(rank * batch_size, (rank + 1) * batch_size)
+    out: Dict[str, List[np.ndarray]] = {k: [] for k in ("latent_noise", "noise", "timesteps")}
+    for half in range(halves):
+        shape = (g,) + tuple(latent_shape)
+        noise = streams.normal("train.noise", shape, micro, half)
+        if args.offset_noise:
+            offset = streams.normal("train.offset", (g, shape[1], 1, 1), micro, half)
+            noise = noise + np.float32(args.offset_noise) * offset
+        out["noise"].append(noise[sl])
+        out["latent_noise"].append(streams.normal("train.latent", shape, micro, half)[sl])
+        out["timesteps"].append(streams.integers("train.t", schedule.num_train_timesteps, (g,), micro, half)[sl])
+    arrays = {k: np.concatenate(v) for k, v in out.items()}
+    t = arrays["timesteps"]
+    arrays["coef_a"], arrays["coef_b"] = schedule.coefficients(t)
+    arrays["loss_weights"] = (schedule.min_snr_weights(t, args.snr_gamma).astype(np.float32)
+                              if args.snr_gamma else np.ones(len(t), np.float32))
+    return arrays
+
+
+def make_batch(data: Dict[str, np.ndarray], randoms: Dict[str, np.ndarray], prior_loss_weight: float):
+    images = data["instance_images"]
+    ids = data["instance_ids"]
+    if "class_images" in data:
+        images = np.concatenate([images, data["class_images"]])
+        ids = np.concatenate([ids, data["class_ids"]])
+    batch = dict(randoms)
+    batch.update(images=images, ids=ids, n_instance=len(data["instance_images"]),
+                 prior_loss_weight=prior_loss_weight)
+    return batch
+
+
+# --------------------------------------------------------------------------- run folder
+
+class RunFolder:
+    """output_path/{ckpt/, loss.csv, validation/, train_config.yaml}."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.ckpt = os.path.join(root, "ckpt")
+        self.state = os.path.join(self.ckpt, STATE_NAME + ".pt")
+        self.state_meta = os.path.join(self.ckpt, STATE_NAME + ".json")
+        self.loss_log = os.path.join(root, "loss.csv")
+        self.validation = os.path.join(root, "validation")
+
+    def checkpoints(self) -> List[str]:
+        """Saved checkpoints, oldest first."""
+        if not os.path.isdir(self.ckpt):
+            return []
+        found = [(int(m.group(1)), f) for f in os.listdir(self.ckpt) if (m := _CKPT_RE.match(f))]
+        return [os.path.join(self.ckpt, f) for _, f in sorted(found)]
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        has_run = bool(self.checkpoints()) or os.path.exists(self.state_meta)
+        if has_run and not resume:
+            if not overwrite:
+                raise UserError(f"{self.root} already holds a training run; pass --resume to continue it "
+                                f"or --overwrite True to start over")
+            for path in self.checkpoints():
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            for path in (self.state, self.state_meta, self.loss_log):
+                if os.path.exists(path):
+                    os.remove(path)
+        os.makedirs(self.ckpt, exist_ok=True)
+
+    def prune(self, keep: int) -> None:
+        for path in self.checkpoints()[:-keep]:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, str]) -> None:
+    """A LoRA checkpoint: the diffusers file and the kohya file side by side, written atomically."""
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.DIFFUSERS_WEIGHT_NAME), lora_fmt.to_diffusers(lora),
+                                  metadata={"format": "pt"})
+    checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.KOHYA_WEIGHT_NAME), lora_fmt.to_kohya(lora),
+                                  metadata=metadata)
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# --------------------------------------------------------------------------- the run
+
+def load_base_weights(args, arch: ModelArch) -> Dict[str, np.ndarray]:
+    if not args.pretrained_model_path:
+        raise UserError("--pretrained_model_path is required (an original-layout .safetensors/.ckpt "
+                        "or a MindONE .ckpt; make a tiny one with tools/make_tiny_model.py)")
+    weights = checkpoint_io.load_state_dict(args.pretrained_model_path)
+    if args.unet_initialize_random:
+        weights = {k: v for k, v in weights.items() if not k.startswith("model.diffusion_model.")}
+        weights.update(random_weights(arch, args.seed, prefixes=("model.diffusion_model.",)))
+    return weights
+
+
+def run_training(args, backend) -> Dict[str, object]:
+    arch = load_arch(args.model_config)
+    folder = RunFolder(args.output_path)
+    folder.prepare(resume=args.resume is not None, overwrite=args.overwrite)
+    tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
+    weights = load_base_weights(args, arch)
+    dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
+                                repeats=args.train_data_repeats, random_crop=args.random_crop,
+                                flip=args.random_flip, seed=args.seed)  # validates the instance folder early
+    if args.with_prior_preservation:
+        ensure_class_images(backend, arch, weights, tokenizer, args)
+        dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
+                                    class_dir=args.class_data_dir, class_prompt=args.class_prompt,
+                                    repeats=args.train_data_repeats, random_crop=args.random_crop,
+                                    flip=args.random_flip, seed=args.seed)
+
+    lora_init = None
+    if args.use_lora:
+        lora_init = lora_fmt.init_lora(arch, args.lora_rank, args.lora_alpha, args.seed,
+                                       unet=args.lora_ft_unet,
+                                       text_encoder=args.lora_ft_text_encoder and args.train_text_encoder)
+    trainer = backend.Trainer(arch, weights, args, lora_init)
+    del weights
+    rank, world = trainer.rank, trainer.world_size
+    main = rank == 0
+    schedule = NoiseSchedule(arch.schedule)
+    accum = args.gradient_accumulation_steps
+    micro_per_epoch = dataset.steps_per_epoch(args.train_batch_size, world)
+    if micro_per_epoch < accum:
+        raise UserError(f"an epoch has {micro_per_epoch} batch(es) of {args.train_batch_size * world} images, "
+                        f"fewer than --gradient_accumulation_steps {accum}: add images or repeats")
+    steps_per_epoch = micro_per_epoch // accum
+    used_per_epoch = steps_per_epoch * accum  # a partial accumulation group at an epoch's end is dropped
+    total = args.max_train_steps or args.epochs * steps_per_epoch
+    f = arch.vae.downsample_factor
+    latent_shape = (arch.vae.embed_dim, args.image_size // f, args.image_size // f)
+
+    step = micro = 0
+    if args.resume is not None:
+        step, micro = resume_state(folder, trainer, args.resume)
+        if main:
+            log.info("resumed at step %d", step)
+    if main:
+        dump_args(args, os.path.join(args.output_path, "train_config.yaml"))
+        log.info("training %s on %s: %d steps (%d per epoch), batch %d x %d process(es), accumulation %d",
+                 "LoRA" if args.use_lora else "full model", trainer.device, total, steps_per_epoch,
+                 args.train_batch_size, world, accum)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not main, dynamic_ncols=True)
+    t0 = time.time()
+    last_saved = step if args.resume is not None else -1
+    while step < total:
+        epoch, first = divmod(micro, used_per_epoch)
+        for index, data in enumerate(dataset.batches(args.train_batch_size, epoch, rank=rank, world_size=world)):
+            if index < first:
+                continue  # already trained on before the resume
+            if index >= used_per_epoch:
+                break
+            update = (micro + 1) % accum == 0
+            randoms = step_inputs(schedule, args, micro, rank, world, args.train_batch_size, latent_shape,
+                                  "class_images" in data)
+            stats = trainer.train_step(make_batch(data, randoms, args.prior_loss_weight),
+                                       learning_rate(args, step), update)
+            micro += 1
+            if not update:
+                continue
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            if main:
+                log_loss(folder.loss_log, step, epoch, stats, learning_rate(args, step - 1), time.time() - t0)
+                if args.callback_size and step % args.callback_size == 0:
+                    log.debug("step %d loss %.5f", step, stats["loss"])
+            end_of_epoch = index + 1 == used_per_epoch
+            due = (step % args.ckpt_save_steps == 0) if args.ckpt_save_steps else \
+                (end_of_epoch and (epoch + 1) % args.ckpt_save_interval == 0)
+            if due or step == total:
+                save_checkpoint(folder, trainer, args, step, micro, main)
+                last_saved = step
+            if main and args.validation_prompts and (step % args.validation_steps == 0 or step == total):
+                validate(trainer, arch, tokenizer, args, folder, step)
+            if step >= total:
+                break
+    bar.close()
+    if last_saved != step:
+        save_checkpoint(folder, trainer, args, step, micro, main)
+    latest = folder.checkpoints()[-1] if folder.checkpoints() else None
+    if main:
+        log.info("done: %d steps; latest checkpoint %s", step, latest)
+    return {"steps": step, "checkpoint": latest, "output_path": args.output_path}
+
+
+def log_loss(path: str, step: int, epoch: int, stats: Dict[str, float], lr: float, seconds: float) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "epoch", "loss", "instance_loss", "prior_loss", "lr", "seconds"])
+        w.writerow([step, epoch, f"{stats['loss']:.6f}", f"{stats['instance_loss']:.6f}",
+                    f"{stats['prior_loss']:.6f}", f"{lr:.3e}", f"{seconds:.1f}"])
+
+
+def save_checkpoint(folder: RunFolder, trainer, args, step: int, micro: int, main: bool) -> None:
+    if not main:
+        return
+    if args.use_lora:
+        path = os.path.join(folder.ckpt, f"lora-{step}")
+        save_lora_folder(trainer.export_lora(), path,
+                         metadata={"ss_network_dim": str(args.lora_rank), "ss_network_alpha": str(args.lora_alpha),
+                                   "ss_base_model_version": "sd_v2" if "v2" in args.model_config else "sd_v1"})
+    else:
+        path = os.path.join(folder.ckpt, f"sd-{step}.{args.save_format}")
+        checkpoint_io.save_state_dict(path, trainer.export_weights(), overwrite=True)
+    trainer.save_state(folder.state)
+    tmp = folder.state_meta + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "micro_step": micro, "checkpoint": os.path.basename(path)}, f)
+    os.replace(tmp, folder.state_meta)
+    folder.prune(args.ckpt_max_keep)
+    log.info("saved %s", path)
+
+
+def resume_state(folder: RunFolder, trainer, resume: str):
+    """Restore weights, optimizer and counters from the run's last saved state."""
+    if resume != "latest" and os.path.isfile(resume) and resume.endswith(".json"):
+        folder.state_meta, folder.state = resume, resume[:-5] + ".pt"
+    if not os.path.exists(folder.state_meta) or not os.path.exists(folder.state):
+        raise UserError(f"nothing to resume in {folder.root}: no {STATE_NAME}.json/.pt in {folder.ckpt}")
+    with open(folder.state_meta) as f:
+        meta = json.load(f)
+    trainer.load_state(folder.state)
+    return int(meta["step"]), int(meta["micro_step"])
+
+
+def validate(trainer, arch: ModelArch, tokenizer, args, folder: RunFolder, step: int) -> Optional[str]:
+    """One image per validation prompt, fixed seed, saved as validation/step-N.png (a grid)."""
+    settings = SampleSettings(sampler=args.sampler, steps=args.sampling_steps, scale=7.5,
+                              height=args.image_size, width=args.image_size, seed=args.seed, progress=False)
+    prompts = list(args.validation_prompts)
+    with trainer.pipeline() as pipe:
+        images = [b[0] for b in text_to_image(pipe, arch, tokenizer, prompts, [""] * len(prompts), settings)]
+    os.makedirs(folder.validation, exist_ok=True)
+    path = os.path.join(folder.validation, f"step-{step}.png")
+    save_png(np.asarray(make_grid(images, rows=1)), path)
+    return path
