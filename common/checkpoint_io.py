@@ -168,7 +168,7 @@ def save_state_dict(path: str, sd: Dict[str, np.ndarray], *, overwrite: bool = F
     bad = [k for k in sd if not isinstance(k, str)]
     if bad:
         raise UserError(f"{path}: state dict names must be strings, got {bad[:3]}")
-    arrays = {k: np.ascontiguousarray(v) for k, v in sd.items()}
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in sd.items()}  # keeps 0-d arrays 0-d
     meta = None
     if metadata:
         meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models are made once per session from the architecture configs."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY = {"v1": os.path.join(ROOT, "configs", "tiny-v1-inference.yaml"),
+        "v2": os.path.join(ROOT, "configs", "tiny-v2-inference.yaml")}
+SUBJECT = os.path.join(ROOT, "assets", "sample_subject")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{'v1': path, 'v2': path} of tiny original-layout .safetensors checkpoints."""
+    from common.arch import load_arch
+    from common.checkpoint_io import save_state_dict
+    from common.init_weights import random_weights
+
+    folder = tmp_path_factory.mktemp("models")
+    out = {}
+    for version, config in TINY.items():
+        path = str(folder / f"tiny-{version}.safetensors")
+        save_state_dict(path, random_weights(load_arch(config), seed=0))
+        out[version] = path
+    return out
