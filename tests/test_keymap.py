@@ -25,7 +25,7 @@ needs_torch = pytest.mark.skipif(torch is None, reason="needs PyTorch, diffusers
 TINY = ["configs/tiny-v1-inference.yaml", "configs/tiny-v2-inference.yaml"]
 FULL = ["configs/v1-inference.yaml", "configs/v2-inference.yaml"]
 # MindONE's full-size name lists (see the README there); override where they live elsewhere.
-REF = os.environ.get("MINDONE_NAME_LISTS", "/work/shared/reference/mindone")
+REF = os.environ.get("MINDONE_NAME_LISTS", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "reference", "mindone"))
 needs_ref = pytest.mark.skipif(not os.path.isdir(REF), reason=f"reference name lists not at {REF}")
 
 

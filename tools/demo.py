@@ -32,7 +32,7 @@ def main() -> int:
         "--backend", args.backend, "--overwrite", "True")
     checkpoints = sorted(glob.glob(os.path.join(OUT, "dreambooth", "ckpt", "sd-*.safetensors")),
                          key=lambda p: int(os.path.basename(p)[3:].split(".")[0]))
-    samples = os.path.join(OUT, "samples")
+    samples = os.path.join(OUT, "text_to_image")
     run("text_to_image.py", "--config", "configs/tiny-v2-inference.yaml", "--ckpt_path", checkpoints[-1],
         "--prompt", "a photo of sks robot on the beach", "--n_samples", "4", "--n_iter", "1",
         "--sampling_steps", "20", "--output_path", samples, "--backend", args.backend)

@@ -26,7 +26,9 @@ class Pipeline:
                 merge_lora(unet, text, lora, lora_scale)
             models = (unet, vae, text)
             for m in models:
-                m.to(self.device, self.dtype).eval().requires_grad_(False)
+                m.to(self.device).eval().requires_grad_(False)
+                if self.dtype != torch.float32:
+                    m.to(self.dtype)
         self.unet, self.vae, self.text_encoder = models
         self.device_name = str(self.device)
 

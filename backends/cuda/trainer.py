@@ -59,12 +59,18 @@ class Trainer:
             p.data = p.data.float()           # fp32 master weights, whatever the compute dtype
         self.text_trainable = any(k.startswith("text_encoder") for k in self.trainable)
 
-        frozen_dtype = self.dtype if self.dtype != torch.float32 else torch.float32
-        self.vae.to(self.device, frozen_dtype).eval()
-        self.unet.to(self.device)
-        self.text_encoder.to(self.device)
-        if not self.text_trainable:
-            self.text_encoder.to(frozen_dtype).eval()
+        # frozen parts run in the compute dtype; trainable ones keep fp32 master weights
+        for m in (self.vae, self.unet, self.text_encoder):
+            m.to(self.device)
+        frozen = [self.vae] + ([] if self.text_trainable else [self.text_encoder])
+        for m in frozen:
+            m.eval()
+        if self.dtype != torch.float32:
+            # LoRA: the whole base model is frozen, so it runs in half precision too
+            for m in frozen + ([self.unet, self.text_encoder] if args.use_lora else []):
+                m.to(self.dtype)
+            for p in self.trainable.values():
+                p.data = p.data.float()
         if args.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.text_trainable:
