@@ -56,7 +56,9 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_models):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    two = subprocess.run([launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate's --cpu launcher needs mpirun for several processes; --multi_gpu on a machine without
+    # GPUs starts them through torchrun and the processes fall back to the CPU with gloo
+    two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
                           *common, "--train_batch_size", "1", "--output_path", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -68,5 +70,5 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_models):
     moved = max(float(np.abs(wa[k] - base[k]).max()) for k in unet)
     worst = max(float(np.abs(wa[k] - wb[k]).max()) for k in unet)
     assert moved > 1e-4 and worst < 1e-3 * moved, (moved, worst)
-    # each process read its own shard: the logged loss is rank 0's half, not the global batch's
+    assert "batch 1 x 2 process(es)" in two.stderr
     assert (tmp_path / "two" / "loss.csv").exists() and not (tmp_path / "two" / "ckpt" / "sd-3.safetensors.tmp").exists()

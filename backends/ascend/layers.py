@@ -1,0 +1,177 @@
+"""Building blocks shared by the MindSpore models: dense / conv layers with a compute dtype, norms
+that always normalise in float32, activations and attention.
+
+Mixed precision follows MindONE: parameters are stored in float32; with `dtype=float16` the Dense
+and Conv layers cast their input and weights to float16 for the matmul / convolution, while
+GroupNorm / LayerNorm and softmax run in float32. On CPU everything stays float32.
+
+All weights are created as zeros: a model is always loaded from a checkpoint after it is built,
+and zero initialisation is lazy and instant, so building full-size SD costs no time or memory.
+Only classic `mindspore.nn` layers and `mindspore.ops` with CPU and Ascend kernels are used.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+FP32 = ms.float32
+
+
+def compute_dtype(dtype) -> ms.Type:
+    """'fp32' / 'fp16' / 'bf16' or a MindSpore dtype -> the MindSpore dtype."""
+    if isinstance(dtype, str):
+        return {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16,
+                "float16": ms.float16, "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}[dtype]
+    return dtype or ms.float32
+
+
+class Dense(nn.Dense):
+    """nn.Dense whose matmul runs in `dtype` (parameters stay float32)."""
+
+    def __init__(self, in_channels: int, out_channels: int, has_bias: bool = True, dtype=FP32):
+        super().__init__(in_channels, out_channels, weight_init="zeros", bias_init="zeros",
+                         has_bias=has_bias)
+        self.compute_dtype = compute_dtype(dtype)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]).astype(self.compute_dtype),
+                        self.weight.astype(self.compute_dtype))
+        if self.has_bias:
+            y = self.bias_add(y, self.bias.astype(self.compute_dtype))
+        return y.reshape(shape[:-1] + (self.out_channels,))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d with explicit zero padding (pad_mode="pad") whose convolution runs in `dtype`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, dtype=FP32):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                         padding=padding, has_bias=True, weight_init="zeros", bias_init="zeros")
+        self.compute_dtype = compute_dtype(dtype)
+
+    def construct(self, x):
+        y = self.conv2d(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        return self.bias_add(y, self.bias.astype(self.compute_dtype))
+
+
+class WrappedConv2d(nn.Cell):
+    """A Conv2d one name level down (`<name>.conv.weight`), as MindONE's UNet stores its convs.
+    Ignores extra (emb, context) arguments so it can sit in a UNet block list."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, dtype=FP32):
+        super().__init__()
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dtype)
+
+    def construct(self, x, emb=None, context=None):
+        return self.conv(x)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm with `gamma` / `beta` (UNet naming), normalising in float32."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__(num_groups, num_channels, eps=eps)
+
+    def construct(self, x):
+        y = ops.group_norm(x.astype(FP32), self.num_groups, self.gamma, self.beta, self.eps)
+        return y.astype(x.dtype)
+
+
+class GroupNormWB(nn.Cell):
+    """GroupNorm with `weight` / `bias` (MindONE's VAE naming), normalising in float32."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (num_channels,), FP32), name="weight")
+        self.bias = Parameter(initializer("zeros", (num_channels,), FP32), name="bias")
+
+    def construct(self, x):
+        y = ops.group_norm(x.astype(FP32), self.num_groups, self.weight, self.bias, self.eps)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over the last axis with `gamma` / `beta`, normalising in float32."""
+
+    def __init__(self, width: int, eps: float = 1e-5):
+        super().__init__((width,), epsilon=eps)
+
+    def construct(self, x):
+        y, _, _ = self.layer_norm(x.astype(FP32), self.gamma, self.beta)
+        return y.astype(x.dtype)
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return x * ops.sigmoid(x)
+
+
+class QuickGELU(nn.Cell):
+    """OpenAI CLIP's activation x * sigmoid(1.702 x)."""
+
+    def construct(self, x):
+        return x * ops.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Cell:
+    """'quick_gelu' or exact (erf) 'gelu', the two activations SD's text encoders use."""
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name in ("gelu", "gelu_exact"):
+        return nn.GELU(approximate=False)
+    raise ValueError(f"unsupported text encoder activation {name!r}")
+
+
+def dropout(p: float) -> nn.Cell:
+    """Dropout(p), or a no-op placeholder that keeps MindONE's child numbering when p == 0."""
+    return nn.Dropout(p=p) if p > 0 else nn.Identity()
+
+
+def attention(q, k, v, heads: int, mask=None):
+    """Multi-head scaled dot-product attention on (B, N, heads * D) inputs.
+
+    Scores and softmax are float32 whatever the compute dtype (MindONE upcasts them too);
+    `mask` is added to the scores (e.g. a causal mask with -inf above the diagonal).
+    """
+    b, n, width = q.shape
+    m = k.shape[1]
+    d = width // heads
+    q = q.reshape(b, n, heads, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, m, heads, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, m, heads, d).transpose(0, 2, 1, 3)
+    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)).astype(FP32) * (1.0 / math.sqrt(d))
+    if mask is not None:
+        scores = scores + mask
+    probs = ops.softmax(scores, -1).astype(v.dtype)
+    out = ops.matmul(probs, v)
+    return out.transpose(0, 2, 1, 3).reshape(b, n, width)
+
+
+def upsample_nearest2x(x):
+    """2x nearest-neighbour upsampling by broadcasting (exact, no interpolation kernel needed)."""
+    b, c, h, w = x.shape
+    x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
+    return x.reshape(b, c, h * 2, w * 2)
+
+
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
+    """exp(-ln(max_period) * i / (dim/2)), i < dim/2, in float32 as diffusers computes it."""
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    return Tensor(np.exp(exponent / np.float32(half)).astype(np.float32))
+
+
+def timestep_embedding(t, freqs):
+    """LDM's sinusoidal timestep embedding, [cos | sin] (diffusers flip_sin_to_cos=True,
+    freq_shift=0). `t`: (B,) timesteps of any numeric dtype."""
+    args = t.astype(FP32).reshape(-1, 1) * freqs.reshape(1, -1)
+    return ops.concat((ops.cos(args), ops.sin(args)), -1)
