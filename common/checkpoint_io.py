@@ -78,7 +78,8 @@ def _bf16_to_f32(x: np.ndarray) -> np.ndarray:
 
 def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
     """Round to nearest even, as torch and MindSpore do; NaNs stay (quiet) NaNs."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    x = np.asarray(x, np.float32)
+    bits = np.ascontiguousarray(x).reshape(x.shape).view(np.uint32)
     out = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
     nan = np.isnan(x)
     if nan.any():
@@ -223,7 +224,9 @@ def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
     with open(path, "rb") as f:
         zipped = f.read(2) == b"PK"     # only zip files can be memory-mapped
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with warnings.catch_warnings():         # e.g. "pickle protocol 4": our error says more
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global outside torch's tensor allow-list (os.system, custom
         # classes, ...). A truncated legacy pickle can end up here too, hence the hedge.
@@ -402,6 +405,13 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _default_mode(folder: bool) -> int:
+    """What open()/mkdir would have given (mkstemp/mkdtemp make owner-only files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def _atomic_path(path: str, overwrite: bool, folder: bool = False) -> Iterator[str]:
     """Yield a temporary path next to `path`; on success it replaces `path`, on failure it goes."""
@@ -420,6 +430,7 @@ def _atomic_path(path: str, overwrite: bool, folder: bool = False) -> Iterator[s
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(folder))
         if folder:
             old = None
             if os.path.lexists(path):        # a folder cannot be renamed over: move it aside
@@ -465,7 +476,7 @@ def _materialise(value, stored: np.dtype) -> np.ndarray:
     x = np.asarray(value)
     x = cast_array(x, {np.dtype(np.float16): "fp16", np.dtype(np.float32): "fp32", BF16: "bf16"}[stored]) \
         if is_float(x) and x.dtype != stored else x
-    return np.ascontiguousarray(x)
+    return np.ascontiguousarray(x).reshape(x.shape)     # ascontiguousarray makes 0-d arrays 1-d
 
 
 def _raw(x: np.ndarray) -> np.ndarray:

@@ -232,8 +232,12 @@ def ldm_to_mindspore(sd: Mapping[str, np.ndarray], arch: ModelArch, parts: Optio
     ldm = canonical_ldm(sd, arch, parts, ema=ema)
     out: Dict[str, np.ndarray] = {}
     for me in mindspore_entries(arch):
-        if me.sources[0] not in ldm:
+        have = [s for s in me.sources if s in ldm]
+        if not have:
             continue
+        if len(have) != len(me.sources):
+            raise UserError(f"checkpoint has only {len(have)} of {', '.join(me.sources)}, which "
+                            f"MindSpore stores fused as {me.ms}")
         xs = [ldm[s] for s in me.sources]
         out[me.ms] = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
     return out
@@ -343,8 +347,7 @@ def _fuse(pairs: List[Optional[LoraPair]], fan_out: int) -> Tuple[np.ndarray, np
     downs = [_scaled_down(p) if p is not None else None for p in pairs]
     real = [d for d in downs if d is not None]
     if len(real) == len(pairs) and all(d.shape == real[0].shape and d.dtype == real[0].dtype
-                                       and np.array_equal(d.view(np.uint8), real[0].view(np.uint8))
-                                       for d in real):
+                                       and d.tobytes() == real[0].tobytes() for d in real):
         return real[0], np.concatenate([p.up for p in present], axis=0)      # shared down: exact
     # Different downs: stack them (rank r_q + r_k + r_v) under a block-diagonal up.
     like = present[0].up

@@ -34,8 +34,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_path", "--output_dir", default="output",
                    help="run folder: checkpoints in ckpt/, loss.csv, validation/, train_config.yaml")
     g.add_argument("--resume", default=None, nargs="?", const="latest",
-                   help="continue the run in output_path from its latest checkpoint ('latest' or True), "
-                        "or from a given ckpt/train_state file")
+                   help="continue the run in output_path from its last saved state ('latest' or True), "
+                        "or from a given ckpt/train_state.json")
     add_bool(g, "--overwrite", default=False,
              help="start over even though output_path already holds checkpoints (they are deleted)")
     g.add_argument("--seed", type=int, default=3407, help="seed of every random stream (data, noise, timesteps)")
@@ -123,7 +123,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_batch_size", type=int, default=4, help="batch size of class-image generation")
     g.add_argument("--sampling_steps", type=int, default=50, help="sampler steps for class and validation images")
     g.add_argument("--sampler", default="ddim", help="sampler for class and validation images")
-    g.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale for class images")
+    g.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale for class and validation images")
     return p
 
 

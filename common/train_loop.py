@@ -23,7 +23,7 @@ from . import checkpoint_io, lora as lora_fmt
 from .arch import ModelArch, load_arch
 from .class_images import ensure_class_images
 from .config import dump_args
-from .data import DreamBoothDataset
+from .data import DreamBoothDataset, list_images
 from .errors import UserError
 from .generate import SampleSettings, text_to_image
 from .images import make_grid, save_png
@@ -158,16 +158,16 @@ def run_training(args, backend) -> Dict[str, object]:
     folder = RunFolder(args.output_path)
     folder.prepare(resume=args.resume is not None, overwrite=args.overwrite)
     tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
+    list_images(args.instance_data_dir, "instance")  # a bad folder fails before any model is loaded
     weights = load_base_weights(args, arch)
-    dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
-                                repeats=args.train_data_repeats, random_crop=args.random_crop,
-                                flip=args.random_flip, seed=args.seed)  # validates the instance folder early
     if args.with_prior_preservation:
         ensure_class_images(backend, arch, weights, tokenizer, args)
-        dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
-                                    class_dir=args.class_data_dir, class_prompt=args.class_prompt,
-                                    repeats=args.train_data_repeats, random_crop=args.random_crop,
-                                    flip=args.random_flip, seed=args.seed)
+    prior = args.with_prior_preservation
+    dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
+                                class_dir=args.class_data_dir if prior else None,
+                                class_prompt=args.class_prompt if prior else None,
+                                repeats=args.train_data_repeats, random_crop=args.random_crop,
+                                flip=args.random_flip, seed=args.seed)
 
     lora_init = None
     if args.use_lora:
@@ -229,7 +229,7 @@ def run_training(args, backend) -> Dict[str, object]:
             due = (step % args.ckpt_save_steps == 0) if args.ckpt_save_steps else \
                 (end_of_epoch and (epoch + 1) % args.ckpt_save_interval == 0)
             if due or step == total:
-                save_checkpoint(folder, trainer, args, step, micro, main)
+                save_checkpoint(folder, trainer, arch, args, step, micro, main)
                 last_saved = step
             if main and args.validation_prompts and (step % args.validation_steps == 0 or step == total):
                 validate(trainer, arch, tokenizer, args, folder, step)
@@ -237,7 +237,7 @@ def run_training(args, backend) -> Dict[str, object]:
                 break
     bar.close()
     if last_saved != step:
-        save_checkpoint(folder, trainer, args, step, micro, main)
+        save_checkpoint(folder, trainer, arch, args, step, micro, main)
     latest = folder.checkpoints()[-1] if folder.checkpoints() else None
     if main:
         log.info("done: %d steps; latest checkpoint %s", step, latest)
@@ -254,14 +254,16 @@ def log_loss(path: str, step: int, epoch: int, stats: Dict[str, float], lr: floa
                     f"{stats['prior_loss']:.6f}", f"{lr:.3e}", f"{seconds:.1f}"])
 
 
-def save_checkpoint(folder: RunFolder, trainer, args, step: int, micro: int, main: bool) -> None:
+def save_checkpoint(folder: RunFolder, trainer, arch: ModelArch, args, step: int, micro: int, main: bool) -> None:
     if not main:
         return
     if args.use_lora:
         path = os.path.join(folder.ckpt, f"lora-{step}")
         save_lora_folder(trainer.export_lora(), path,
                          metadata={"ss_network_dim": str(args.lora_rank), "ss_network_alpha": str(args.lora_alpha),
-                                   "ss_base_model_version": "sd_v2" if "v2" in args.model_config else "sd_v1"})
+                                   "ss_base_model_version": "sd_v2" if arch.version == "sd2" else "sd_v1",
+                                   "ss_v2": str(arch.version == "sd2"),
+                                   "ss_v_parameterization": str(arch.schedule.parameterization == "v")})
     else:
         path = os.path.join(folder.ckpt, f"sd-{step}.{args.save_format}")
         checkpoint_io.save_state_dict(path, trainer.export_weights(), overwrite=True)
@@ -275,8 +277,11 @@ def save_checkpoint(folder: RunFolder, trainer, args, step: int, micro: int, mai
 
 
 def resume_state(folder: RunFolder, trainer, resume: str):
-    """Restore weights, optimizer and counters from the run's last saved state."""
-    if resume != "latest" and os.path.isfile(resume) and resume.endswith(".json"):
+    """Restore weights, optimizer and counters from the run's last saved state (or from the
+    train_state.json given)."""
+    if resume != "latest":
+        if not (os.path.isfile(resume) and resume.endswith(".json")):
+            raise UserError(f"--resume takes 'latest' or a train_state.json file, got {resume}")
         folder.state_meta, folder.state = resume, resume[:-5] + ".pt"
     if not os.path.exists(folder.state_meta) or not os.path.exists(folder.state):
         raise UserError(f"nothing to resume in {folder.root}: no {STATE_NAME}.json/.pt in {folder.ckpt}")
@@ -288,7 +293,7 @@ def resume_state(folder: RunFolder, trainer, resume: str):
 
 def validate(trainer, arch: ModelArch, tokenizer, args, folder: RunFolder, step: int) -> Optional[str]:
     """One image per validation prompt, fixed seed, saved as validation/step-N.png (a grid)."""
-    settings = SampleSettings(sampler=args.sampler, steps=args.sampling_steps, scale=7.5,
+    settings = SampleSettings(sampler=args.sampler, steps=args.sampling_steps, scale=args.scale,
                               height=args.image_size, width=args.image_size, seed=args.seed, progress=False)
     prompts = list(args.validation_prompts)
     with trainer.pipeline() as pipe:

@@ -11,14 +11,16 @@ a MindONE `.ckpt` as it is. The components also work on their own (names then la
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Set
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
 from common.arch import ModelArch
+from common.checkpoint_io import BF16, cast_array
 from common.errors import UserError
+from common.mindspore_layout import ldm_to_mindspore, mindspore_entries
 from .layers import FP32, compute_dtype
 from .text_encoder import TextTransformer
 from .unet import UNetModel
@@ -94,13 +96,15 @@ def _legacy_name(name: str) -> Optional[str]:
 
 
 def load_mindspore(net: nn.Cell, params: Dict[str, np.ndarray], prefix: str = "",
-                   strict: bool = True, what: str = "checkpoint") -> None:
+                   strict: bool = True, optional: Iterable[str] = (), what: str = "checkpoint") -> None:
     """Copy MindONE-layout arrays into `net`'s parameters (cast to the parameter dtype).
 
     `params` keys are full MindONE names; `prefix` is prepended to `net`'s own parameter names
     when `net` is a component built on its own (e.g. "model.diffusion_model." for a UNetModel).
-    strict: every parameter must be present, and no tensor under `prefix` may be left over.
-    Shapes must match exactly. Legacy VAE GroupNorm names (gamma / beta) are accepted.
+    strict: every parameter must be present, and no tensor under `prefix` may be left over except
+    the `optional` names (tensors SD does not run, see `optional_names`). Shapes must match
+    exactly. Legacy VAE GroupNorm names (gamma / beta) are accepted; fp16 / bf16 arrays (MindONE
+    stores its embedding tables in Float16) are cast to the parameter dtype.
     """
     used, missing, bad = set(), [], []
     for p in net.get_parameters():
@@ -112,6 +116,8 @@ def load_mindspore(net: nn.Cell, params: Dict[str, np.ndarray], prefix: str = ""
             missing.append(prefix + p.name)
             continue
         value = np.asarray(params[key])
+        if value.dtype == BF16:                 # checkpoint_io keeps bf16 as raw bits
+            value = cast_array(value, "fp32")
         if tuple(value.shape) != tuple(p.shape):
             bad.append(f"{key} {tuple(value.shape)} != {tuple(p.shape)}")
             continue
@@ -124,18 +130,24 @@ def load_mindspore(net: nn.Cell, params: Dict[str, np.ndarray], prefix: str = ""
         raise UserError(f"{what} lacks {len(missing)} tensor(s) the model needs: "
                         f"{', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''}")
     if strict:
-        extra = sorted(k for k in params if k.startswith(prefix) and k not in used)
+        optional = set(optional)
+        extra = sorted(k for k in params if k.startswith(prefix) and k not in used
+                       and k not in optional)
         if extra:
             raise UserError(f"{what} has {len(extra)} tensor(s) the model does not define: "
                             f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
 
 
+def optional_names(arch: ModelArch) -> Set[str]:
+    """MindONE-layout names a checkpoint may carry that the model does not run (text blocks past
+    `used_layers`, OpenCLIP's text_projection / logit_scale); loading skips them."""
+    return {e.ms for e in mindspore_entries(arch) if e.optional}
+
+
 def load_original(net: nn.Cell, sd: Dict[str, np.ndarray], arch: ModelArch, prefix: str = "",
                   strict: bool = True) -> None:
-    """Load an original single-file (LDM layout) state dict into `net` through
-    `common.mindspore_layout.ldm_to_mindspore` (q/k/v fusing, renames, unused text blocks dropped)."""
-    try:
-        from common.mindspore_layout import ldm_to_mindspore
-    except ImportError as e:       # the layout module is developed alongside this backend
-        raise UserError(f"original-layout weights need common.mindspore_layout ({e})") from None
-    load_mindspore(net, ldm_to_mindspore(sd, arch), prefix=prefix, strict=strict)
+    """Load an original single-file (LDM layout) state dict into `net` (a StableDiffusion, or a
+    component with its `prefix`) through `common.mindspore_layout.ldm_to_mindspore` (renames,
+    SD1 q/k/v fused into in_proj, validation)."""
+    load_mindspore(net, ldm_to_mindspore(sd, arch), prefix=prefix, strict=strict,
+                   optional=optional_names(arch))

@@ -79,28 +79,27 @@ class Upsample(nn.Cell):
 
 
 class Level(nn.Cell):
-    """One resolution level: `block` res blocks, then `downsample` / `upsample` if any."""
+    """One resolution level: res blocks `block`, then `downsample` (encoder) or `upsample`
+    (decoder) unless it is the last level."""
 
-    def __init__(self, blocks, resample=None, attr: str = ""):
+    def __init__(self, blocks, downsample=None, upsample=None):
         super().__init__()
         self.block = nn.CellList(blocks)
         self.attn = nn.CellList([])     # SD's VAEs have no attention outside the mid block
-        self.has_resample = resample is not None
-        self.resample_name = attr
-        if resample is not None:
-            setattr(self, attr, resample)
+        self.has_downsample, self.has_upsample = downsample is not None, upsample is not None
+        if downsample is not None:
+            self.downsample = downsample
+        if upsample is not None:
+            self.upsample = upsample
 
     def construct(self, x):
         for blk in self.block:
             x = blk(x)
-        if self.has_resample:
-            x = self.resample(x)
+        if self.has_downsample:
+            x = self.downsample(x)
+        if self.has_upsample:
+            x = self.upsample(x)
         return x
-
-    def resample(self, x):
-        if self.resample_name == "downsample":
-            return self.downsample(x)
-        return self.upsample(x)
 
 
 class Mid(nn.Cell):
@@ -126,7 +125,7 @@ class Encoder(nn.Cell):
             for _ in range(v.num_res_blocks):
                 blocks.append(ResnetBlock(ch, cout, g, dtype))
                 ch = cout
-            levels.append(Level(blocks, Downsample(ch, dtype) if i != n - 1 else None, "downsample"))
+            levels.append(Level(blocks, downsample=Downsample(ch, dtype) if i != n - 1 else None))
         self.down = nn.CellList(levels)
         self.mid = Mid(ch, g, dtype)
         self.norm_out = GroupNormWB(g, ch)
@@ -156,7 +155,7 @@ class Decoder(nn.Cell):
             for _ in range(v.num_res_blocks + 1):
                 blocks.append(ResnetBlock(ch, cout, g, dtype))
                 ch = cout
-            levels[i] = Level(blocks, Upsample(ch, dtype) if i != 0 else None, "upsample")
+            levels[i] = Level(blocks, upsample=Upsample(ch, dtype) if i != 0 else None)
         self.up = nn.CellList(levels)
         self.norm_out = GroupNormWB(g, ch)
         self.silu = SiLU()

@@ -6,7 +6,9 @@ arithmetic: encode, noise, predict, weighted MSE, AdamW. Data parallelism comes 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Dict, Optional
 
 import numpy as np
@@ -198,25 +200,22 @@ class Trainer:
         with self._swapped(self.ema):
             return export_lora(self._unet, self._text, self.lora_targets, self.lora_alpha)
 
-    class _Swap:
-        def __init__(self, trainer, values):
-            self.trainer, self.values, self.saved = trainer, values, None
-
-        def __enter__(self):
-            if self.values is not None:
-                self.saved = {k: p.detach().clone() for k, p in self.trainer.trainable.items()}
-                with torch.no_grad():
-                    for k, p in self.trainer.trainable.items():
-                        p.copy_(self.values[k])
-
-        def __exit__(self, *exc):
-            if self.saved is not None:
-                with torch.no_grad():
-                    for k, p in self.trainer.trainable.items():
-                        p.copy_(self.saved[k])
-
-    def _swapped(self, values):
-        return self._Swap(self, values)
+    @contextlib.contextmanager
+    def _swapped(self, values: Optional[Dict[str, torch.Tensor]]):
+        """Temporarily put `values` (the EMA weights) into the trainable parameters."""
+        if values is None:
+            yield
+            return
+        saved = {k: p.detach().clone() for k, p in self.trainable.items()}
+        with torch.no_grad():
+            for k, p in self.trainable.items():
+                p.copy_(values[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.trainable.items():
+                    p.copy_(saved[k])
 
     def save_state(self, path: str) -> None:
         """Optimizer, loss scaler, EMA and the trainable weights, for an exact resume."""
@@ -227,7 +226,6 @@ class Trainer:
                  "ema_updates": self.ema_updates}
         tmp = path + ".tmp"
         torch.save(state, tmp)
-        import os
         os.replace(tmp, path)
 
     def load_state(self, path: str) -> None:
@@ -252,7 +250,8 @@ class Trainer:
 
 
 class EvalPipeline(Pipeline):
-    """Inference with the models being trained (validation images), in eval mode while in use."""
+    """Inference with the models being trained (validation images): eval mode while in use, and
+    the training's mixed precision through autocast (the trainable weights stay fp32)."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -269,7 +268,14 @@ class EvalPipeline(Pipeline):
         if self.trainer.text_trainable:
             self.text_encoder.train()
 
-    def decode(self, latents):
-        z = torch.from_numpy(np.asarray(latents, np.float32) / self.arch.scale_factor)
-        with torch.no_grad():
-            return self.vae.decode(z.to(self.device, self.vae.dtype)).sample.float().cpu().numpy()
+    def _autocast(self):
+        dtype = self.trainer.dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def encode_text(self, ids):
+        with self._autocast():
+            return super().encode_text(ids)
+
+    def predict(self, x, t, context):
+        with self._autocast():
+            return super().predict(x, t, context)

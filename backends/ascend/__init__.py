@@ -1,0 +1,41 @@
+"""MindSpore backend (`--backend ascend`): Stable Diffusion as MindSpore Cells in MindONE's
+checkpoint layout, running on Ascend or, for development and CI, on CPU, in GRAPH_MODE or
+PYNATIVE_MODE.
+
+Modules (imported on first use, so `import backends.ascend` does not load MindSpore):
+
+- layers:        Dense / Conv2d with a compute dtype, float32 norms, attention, timestep embedding
+- unet:          UNetModel (LDM openaimodel; SD1 conv / SD2 linear proj_in, per-level heads)
+- vae:           AutoencoderKL (encode -> mean, logvar; decode)
+- text_encoder:  TextTransformer (SD1 CLIP, SD2 OpenCLIP penultimate layer)
+- models:        StableDiffusion (all three under MindONE's names), build_models, load_original,
+                 load_mindspore
+- lora:          LoRADense, inject_lora, merge_lora, fold_lora, remove_lora, export_lora
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "StableDiffusion": "models", "build_models": "models", "load_original": "models",
+    "load_mindspore": "models", "parameter_shapes": "models", "optional_names": "models",
+    "UNetModel": "unet", "AutoencoderKL": "vae", "TextTransformer": "text_encoder",
+    "LoRADense": "lora", "inject_lora": "lora", "merge_lora": "lora", "fold_lora": "lora",
+    "remove_lora": "lora", "export_lora": "lora", "lora_parameters": "lora",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "mindspore":
+            from common.errors import UserError
+            raise UserError("backend ascend needs mindspore (pip install -e '.[ascend]'): "
+                            "mindspore is not installed") from None
+        raise
+    return getattr(module, name)

@@ -1,0 +1,119 @@
+"""Evaluation encoders on PyTorch: CLIP through open_clip (or a transformers CLIP folder) and the
+DINO ViT through timm, fed with weights that `common.eval_models` has already read and checked.
+
+Nothing is downloaded: open_clip models are built from the architecture with `pretrained=None`,
+timm's with `pretrained=False`, transformers folders with `local_files_only=True`. Inputs and
+outputs are numpy (pixels preprocessed by `common.evaluation`); everything runs in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+from common.eval_models import ClipSource, DinoSource
+from .device import pick_device
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """open_clip warns 'No pretrained weights loaded ... initialized randomly' for pretrained=None,
+    which is not true here: the weights are loaded right after."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _load(module: torch.nn.Module, weights, what: str) -> None:
+    state = {k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in weights.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # names are checked in common, so this means an arch mismatch
+        raise UserError(f"{what}: weights do not fit the model: {str(e).splitlines()[0]}") from None
+
+
+class _TorchEncoder:
+    def __init__(self, model: torch.nn.Module):
+        self.device = pick_device()
+        self.model = model.to(self.device).float().eval()
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    @staticmethod
+    def _numpy(out) -> np.ndarray:
+        if not isinstance(out, torch.Tensor):     # transformers 5 returns a ModelOutput
+            out = out.pooler_output
+        return out.detach().float().cpu().numpy()
+
+
+class ClipEncoder(_TorchEncoder):
+    """CLIP image and text embeddings (projected, not normalised) of a `ClipSource`."""
+
+    backend = "cuda"
+
+    def __init__(self, source: ClipSource):
+        self.arch = source.arch
+        if source.kind == "transformers":
+            from transformers import CLIPModel
+            try:
+                model = CLIPModel.from_pretrained(source.path, local_files_only=True, dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{source.path}: not a loadable transformers CLIP folder: "
+                                f"{str(e).splitlines()[0]}") from None
+            self.library = "transformers"
+        else:
+            import open_clip
+            if self.arch.eps != 1e-5:
+                raise UserError(f"{source.path}: open_clip models use LayerNorm eps 1e-5, the config "
+                                f"asks for {self.arch.eps}")
+            with _quiet_logging():
+                if self.arch.open_clip_name:        # a built-in name: open_clip's own config
+                    model = open_clip.create_model(self.arch.open_clip_name, pretrained=None,
+                                                   pretrained_image=False, pretrained_text=False)
+                else:
+                    model = open_clip.CLIP(**self.arch.open_clip_config())
+            _load(model, source.weights, source.path)
+            self.library = f"open_clip {open_clip.__version__}"
+        super().__init__(model)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        x = self._tensor(pixels.astype(np.float32))
+        if self.library == "transformers":
+            return self._numpy(self.model.get_image_features(pixel_values=x))
+        return self._numpy(self.model.encode_image(x))
+
+    @torch.no_grad()
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        x = self._tensor(ids.astype(np.int64))
+        if self.library == "transformers":
+            return self._numpy(self.model.get_text_features(input_ids=x))
+        return self._numpy(self.model.encode_text(x))
+
+
+class DinoEncoder(_TorchEncoder):
+    """DINO CLS embeddings (after the final LayerNorm) from timm's VisionTransformer."""
+
+    backend = "cuda"
+
+    def __init__(self, source: DinoSource):
+        import timm
+        from functools import partial
+        self.arch = source.arch
+        kwargs = source.arch.timm_kwargs()
+        if source.arch.eps != 1e-6:
+            kwargs["norm_layer"] = partial(torch.nn.LayerNorm, eps=source.arch.eps)
+        model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **kwargs)
+        _load(model, source.weights, source.path)
+        self.library = f"timm {timm.__version__}"
+        super().__init__(model)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self._numpy(self.model(self._tensor(pixels.astype(np.float32))))
