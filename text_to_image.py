@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--negative_data_path", default="", help="file with one negative prompt per line, padded with ''")
     a("--config", default="configs/v2-inference.yaml", help="architecture yaml of the checkpoint")
     a("--ckpt_path", required=False, default=None,
-      help="checkpoint: original-layout .safetensors/.ckpt (e.g. from train_dreambooth.py) or a MindONE .ckpt")
+      help="checkpoint: original-layout .safetensors/.ckpt (civitai, A1111, train_dreambooth.py), "
+           "a MindONE MindSpore .ckpt, or a diffusers folder")
     add_bool(p, "--use_lora", default=False, help="apply a LoRA (--lora_ckpt_path) on top of --ckpt_path")
     a("--lora_ckpt_path", default=None, help="LoRA file (diffusers, kohya or PEFT format) or a training LoRA folder")
     add_bool(p, "--lora_ft_unet", default=True, help="apply the LoRA's UNet layers")
@@ -83,7 +84,7 @@ def main() -> int:
     from backends import load_backend
     from common import lora as lora_fmt
     from common.arch import load_arch
-    from common.checkpoint_io import load_state_dict
+    from common.checkpoint_io import load_model_weights
     from common.errors import UserError
     from common.generate import SampleSettings, pad_negatives, text_to_image
     from common.images import make_grid, next_index, save_images, save_png
@@ -98,7 +99,7 @@ def main() -> int:
     sampler = args.sampler or next((n for f, n in SAMPLER_FLAGS.items() if getattr(args, f)), "dpm_solver_pp")
     prompts = read_lines(args.data_path) if args.data_path else [args.prompt]
     negatives = pad_negatives(prompts, read_lines(args.negative_data_path) if args.negative_data_path else [args.negative_prompt])
-    weights = load_state_dict(args.ckpt_path)
+    weights = load_model_weights(args.ckpt_path, arch)
     lora = None
     if args.use_lora and args.lora_ckpt_path:
         full = lora_fmt.load_lora_file(args.lora_ckpt_path, arch)

@@ -239,7 +239,11 @@ def main() -> int:
         checks["ours_ms_equals_mindone_style"] = same_tensors(cio.load_state_dict(w("ours.ckpt")), cio.load_state_dict(w("peer.ckpt")))
         checks["mindone_style_back_equals_source"] = same_tensors(cio.load_state_dict(w("peer_back.ckpt")), canonical)
         peer_diff = cio.load_diffusers_folder(w("peer_diffusers"))
+        # diffusers also copies the source's int64 position_ids buffer, which transformers
+        # recomputes (not a weight); everything else must be identical
+        peer_diff["text_encoder"].pop("text_model.embeddings.position_ids", None)
         checks["ours_diffusers_equals_diffusers_converters"] = all(same_tensors(ours_diff[c], peer_diff[c]) for c in keymap.PARTS)
+        checks["ours_ms_ckpt_byte_identical_to_ms_save_checkpoint"] = open(w("ours.ckpt"), "rb").read() == open(w("peer.ckpt"), "rb").read()
     results["checks"] = checks
     results["source"] = {"path": os.path.basename(src), "mb": round(src_mb, 1), "tensors": len(source),
                          "parameters": int(sum(int(np.prod(x.shape)) for x in source.values())),

@@ -22,6 +22,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     Ctrl-C exits 130 (checkpoints are written atomically, so nothing half-written is left)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("GLOG_v", "3")                  # MindSpore: errors only (set GLOG_v=2 for warnings)
     try:
         code = main()
     except UserError as e:

@@ -200,8 +200,9 @@ def _check_supported(cfg: Mapping, defaults: Mapping, free: set, source: str, wh
         if key in free:
             continue
         if key not in defaults or value != defaults[key]:
-            raise UserError(f"{source}: {where}{key}={value!r} is not supported (the evaluator builds "
-                            f"standard ViT CLIP towers: ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, ...)")
+            shown = f"{where}{key}" if isinstance(value, (dict, list)) else f"{where}{key}={value!r}"
+            raise UserError(f"{source}: {shown} is not supported (the evaluator builds standard ViT "
+                            f"CLIP towers: ViT-B-32, ViT-B-16, ViT-L-14, ViT-H-14, ...)")
 
 
 def _clip_from_open_clip(cfg: Mapping, name: str, source: str, builtin: bool) -> ClipArch:
@@ -287,9 +288,10 @@ def clip_arch(model_name: Optional[str] = None, config: Optional[str] = None) ->
                         f"installed (pip install open_clip_torch), or pass --config FILE")
     path = os.path.join(folder, resolved + ".json")
     if not os.path.isfile(path):
-        known = sorted(n[:-5] for n in os.listdir(folder) if n.startswith("ViT-") and n.endswith(".json"))
-        raise UserError(f"unknown CLIP architecture {name!r}; use an open_clip name such as "
-                        f"{', '.join(known[:8])}, ... or pass --config FILE")
+        known = [n for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-g-14",
+                             "ViT-bigG-14") if os.path.isfile(os.path.join(folder, n + ".json"))]
+        raise UserError(f"unknown CLIP architecture {name!r}; use an open_clip ViT name such as "
+                        f"{', '.join(known)} (or a '-quickgelu' variant), or pass --config FILE")
     with open(path) as f:
         return _clip_from_open_clip(json.load(f), resolved, f"open_clip config {resolved}", builtin=True)
 
@@ -327,7 +329,7 @@ def dino_arch(model_name: Optional[str] = None, config: Optional[str] = None) ->
 
 def arch_summary(arch) -> Dict[str, Any]:
     """JSON-friendly description of an architecture (for results files and reports)."""
-    return {k: v for k, v in asdict(arch).items() if v not in (None, "")}
+    return {k: v for k, v in asdict(arch).items() if v not in (None, "") and k != "description"}
 
 
 # --------------------------------------------------------------------------- parameter shapes

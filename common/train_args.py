@@ -30,7 +30,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_config", "--config", default="configs/v2-inference.yaml",
                    help="architecture yaml (LDM style), relative to the working dir or the repository")
     g.add_argument("--pretrained_model_path", "--pretrained_model_name_or_path", default="",
-                   help="base checkpoint: original single-file .safetensors/.ckpt or a MindONE .ckpt")
+                   help="base checkpoint: original single-file .safetensors/.ckpt, a MindONE .ckpt or a diffusers folder")
     g.add_argument("--output_path", "--output_dir", default="output",
                    help="run folder: checkpoints in ckpt/, loss.csv, validation/, train_config.yaml")
     g.add_argument("--resume", default=None, nargs="?", const="latest",

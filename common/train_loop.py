@@ -144,9 +144,9 @@ def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, st
 
 def load_base_weights(args, arch: ModelArch) -> Dict[str, np.ndarray]:
     if not args.pretrained_model_path:
-        raise UserError("--pretrained_model_path is required (an original-layout .safetensors/.ckpt "
-                        "or a MindONE .ckpt; make a tiny one with tools/make_tiny_model.py)")
-    weights = checkpoint_io.load_state_dict(args.pretrained_model_path)
+        raise UserError("--pretrained_model_path is required (an original-layout .safetensors/.ckpt, "
+                        "a MindONE .ckpt or a diffusers folder; make a tiny one with tools/make_tiny_model.py)")
+    weights = checkpoint_io.load_model_weights(args.pretrained_model_path, arch)
     if args.unet_initialize_random:
         weights = {k: v for k, v in weights.items() if not k.startswith("model.diffusion_model.")}
         weights.update(random_weights(arch, args.seed, prefixes=("model.diffusion_model.",)))

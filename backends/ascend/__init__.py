@@ -11,6 +11,7 @@ Modules (imported on first use, so `import backends.ascend` does not load MindSp
 - models:        StableDiffusion (all three under MindONE's names), build_models, load_original,
                  load_mindspore
 - lora:          LoRADense, inject_lora, merge_lora, fold_lora, remove_lora, export_lora
+- pipeline:      Pipeline (the backend interface for text_to_image and class images)
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ _EXPORTS = {
     "UNetModel": "unet", "AutoencoderKL": "vae", "TextTransformer": "text_encoder",
     "LoRADense": "lora", "inject_lora": "lora", "merge_lora": "lora", "fold_lora": "lora",
     "remove_lora": "lora", "export_lora": "lora", "lora_parameters": "lora",
+    "Pipeline": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

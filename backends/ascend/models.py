@@ -121,7 +121,7 @@ def load_mindspore(net: nn.Cell, params: Dict[str, np.ndarray], prefix: str = ""
         if tuple(value.shape) != tuple(p.shape):
             bad.append(f"{key} {tuple(value.shape)} != {tuple(p.shape)}")
             continue
-        p.set_data(Tensor(value.astype(ms.dtype_to_nptype(p.dtype), copy=False)))
+        p.set_data(Tensor(value, dtype=p.dtype))
         used.add(key)
     if bad:
         raise UserError(f"{what}: {len(bad)} tensor(s) have the wrong shape for this model config "

@@ -61,6 +61,8 @@ class ClipEncoder(_TorchEncoder):
         self.arch = source.arch
         if source.kind == "transformers":
             from transformers import CLIPModel
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
             try:
                 model = CLIPModel.from_pretrained(source.path, local_files_only=True, dtype=torch.float32)
             except (OSError, ValueError) as e:

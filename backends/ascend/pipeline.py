@@ -1,0 +1,43 @@
+"""Inference on the MindSpore backend: text encoder, UNet and VAE decoder behind numpy in/out,
+compiled in GRAPH_MODE (one graph per input shape) or run in PYNATIVE_MODE."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from common.arch import ModelArch
+from common.lora import LoraSet
+from .device import compute_dtype, setup
+from .lora import merge_lora
+from .models import build_models, load_original
+
+
+class Pipeline:
+    def __init__(self, arch: ModelArch, weights: Optional[Dict[str, np.ndarray]] = None, *,
+                 precision: str = "auto", lora: Optional[LoraSet] = None, lora_scale: float = 1.0,
+                 mode: int = 0, net=None):
+        self.arch = arch
+        self.target = setup(mode)
+        self.device_name = self.target
+        if net is None:
+            net = build_models(arch, compute_dtype(precision, self.target))
+            load_original(net, weights, arch)
+            if lora:
+                merge_lora(arch, net.unet, net.text_encoder, lora, lora_scale)
+        net.set_train(False)
+        self.net = net
+
+    def encode_text(self, ids: np.ndarray) -> Tensor:
+        return self.net.text_encoder(Tensor(np.asarray(ids, np.int32)))
+
+    def predict(self, x: np.ndarray, t: int, context: Tensor) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        timesteps = Tensor(np.full((x.shape[0],), int(t), np.int32))
+        return self.net.unet(Tensor(x), timesteps, context).asnumpy().astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        z = Tensor(np.asarray(latents, np.float32) / np.float32(self.arch.scale_factor))
+        return self.net.vae.decode(z).asnumpy().astype(np.float32)

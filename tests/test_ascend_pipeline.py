@@ -1,0 +1,106 @@
+"""text_to_image on the MindSpore backend gives the PyTorch backend's images: same weights, same
+seed, every sampler, with and without LoRA, and from a checkpoint converted to MindONE's layout."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mindspore")
+pytest.importorskip("torch")
+
+from conftest import ROOT, TINY  # noqa: E402
+from common import lora as lora_fmt  # noqa: E402
+from common.arch import load_arch  # noqa: E402
+from common.checkpoint_io import load_state_dict  # noqa: E402
+from common.generate import SampleSettings, sample_latents  # noqa: E402
+from common.images import to_uint8  # noqa: E402
+from common.samplers import SAMPLERS  # noqa: E402
+from common.tokenizer import tokenizer_for  # noqa: E402
+
+SIZE = 32  # 16x16 latents keep MindSpore's CPU convolutions quick
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_models):
+    import backends.ascend as ascend
+    import backends.cuda as cuda
+    out = {}
+    for version in ("v1", "v2"):
+        arch = load_arch(TINY[version])
+        weights = load_state_dict(tiny_models[version])
+        out[version] = (arch, cuda.Pipeline(arch, weights), ascend.Pipeline(arch, weights))
+    return out
+
+
+def images(pipe, arch, sampler, seed=0, steps=4):
+    tok = tokenizer_for(arch.text)
+    settings = SampleSettings(sampler=sampler, steps=steps, scale=7.5, height=SIZE, width=SIZE, seed=seed,
+                              progress=False)
+    latents = sample_latents(pipe, arch, tok(["a photo of sks robot"] * 2), tok(["blurry"] * 2), settings, (0, 0))
+    return latents, pipe.decode(latents)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_same_image_on_both_backends(pipes, version, sampler):
+    arch, pt, ms = pipes[version]
+    lat_pt, img_pt = images(pt, arch, sampler)
+    lat_ms, img_ms = images(ms, arch, sampler)
+    assert np.abs(lat_pt - lat_ms).max() < 1e-3 * max(1.0, np.abs(lat_pt).max())
+    pixels = np.abs(to_uint8(img_pt).astype(np.float32) - to_uint8(img_ms).astype(np.float32)) / 255.0
+    assert pixels.mean() <= 1 / 255, pixels.mean()
+    assert np.abs(img_pt).mean() > 1e-3   # not trivially zero
+
+
+def test_lora_at_inference_matches(tiny_models):
+    import backends.ascend as ascend
+    import backends.cuda as cuda
+    arch = load_arch(TINY["v1"])
+    weights = load_state_dict(tiny_models["v1"])
+    lora = lora_fmt.init_lora(arch, rank=4, alpha=4.0, seed=1, unet=True, text_encoder=True)
+    rng = np.random.default_rng(1)
+    for pair in lora.values():
+        pair.up = rng.standard_normal(pair.up.shape).astype(np.float32) * 0.2
+    pt = cuda.Pipeline(arch, weights, lora=lora, lora_scale=0.7)
+    ms = ascend.Pipeline(arch, weights, lora=lora, lora_scale=0.7)
+    base = cuda.Pipeline(arch, weights)
+    _, a = images(pt, arch, "ddim")
+    _, b = images(ms, arch, "ddim")
+    _, c = images(base, arch, "ddim")
+    assert np.abs(a - b).mean() < 1e-4
+    assert np.abs(a - c).mean() > 1e-3   # the LoRA changed the image
+
+
+def test_class_images_through_the_mindspore_pipeline(tmp_path, tiny_models):
+    import backends.ascend as ascend
+    from common.class_images import ensure_class_images
+    from common.train_args import parse_train_args
+    arch = load_arch(TINY["v2"])
+    args = parse_train_args(["--instance_data_dir", "x", "--instance_prompt", "x", "--class_data_dir",
+                             str(tmp_path / "cls"), "--class_prompt", "a robot", "--num_class_images", "3",
+                             "--sample_batch_size", "2", "--sampling_steps", "2", "--image_size", str(SIZE)])
+    assert ensure_class_images(ascend, arch, load_state_dict(tiny_models["v2"]), tokenizer_for(arch.text), args) == 3
+    assert sorted(os.listdir(tmp_path / "cls")) == ["00000.png", "00001.png", "00002.png"]
+    assert ensure_class_images(ascend, arch, load_state_dict(tiny_models["v2"]), tokenizer_for(arch.text), args) == 0
+
+
+def test_cli_on_a_converted_mindone_checkpoint(tmp_path, tiny_models):
+    """convert_weights.py -> MindONE .ckpt -> text_to_image --backend ascend == --backend cuda on the original."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    ckpt = tmp_path / "tiny-v2-ms.ckpt"
+    subprocess.run([sys.executable, "tools/model_conversion/convert_weights.py", "--source", tiny_models["v2"],
+                    "--target", str(ckpt), "--model", "sdv2", "--source_version", "pt", "--config", TINY["v2"]],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    common = ["--config", TINY["v2"], "--prompt", "a photo of sks robot", "--n_samples", "1", "--n_iter", "1",
+              "--sampling_steps", "3", "--H", str(SIZE), "--W", str(SIZE), "--seed", "9"]
+    for backend, source in (("ascend", str(ckpt)), ("cuda", tiny_models["v2"])):
+        proc = subprocess.run([sys.executable, "text_to_image.py", "--backend", backend, "--ckpt_path", source,
+                               "--output_path", str(tmp_path / backend), *common],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+    a = np.asarray(Image.open(tmp_path / "ascend" / "samples" / "00000.png"), np.float32)
+    b = np.asarray(Image.open(tmp_path / "cuda" / "samples" / "00000.png"), np.float32)
+    assert np.abs(a - b).mean() / 255 <= 1 / 255

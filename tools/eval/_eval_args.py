@@ -1,0 +1,76 @@
+"""Flags shared by the evaluation scripts (MindONE's names), and their common set-up."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  (repository root on sys.path)
+
+from common.config import UserArgumentParser, add_bool, backend_name  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.evaluation import DEFINITIONS, PREPROCESS_HELP  # noqa: E402
+
+WEIGHTS_HELP = ("Weights come only from local files, never downloaded: a state dict saved with "
+                "torch.save (.pt/.pth/.bin/.ckpt), a .safetensors file, an open_clip training "
+                "checkpoint ({'state_dict': ...}), OpenAI's TorchScript CLIP .pt, a transformers "
+                "CLIP folder (config.json + model.safetensors), or a MindONE/MindSpore CLIP .ckpt.")
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    epilog = PREPROCESS_HELP + "\n\nScores: " + "; ".join(f"{k} = {v}" for k, v in DEFINITIONS.items())
+    return UserArgumentParser(prog=prog, description=doc, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_clip_flags(p: argparse.ArgumentParser, ckpt_flags=("--ckpt_path",)) -> None:
+    g = p.add_argument_group("CLIP model")
+    g.add_argument(*ckpt_flags, dest="ckpt_path", default=None,
+                   help="CLIP weights: a local file or a transformers CLIP folder. " + WEIGHTS_HELP)
+    g.add_argument("--model_name", default="ViT-B-16",
+                   help="open_clip architecture name (default ViT-B-16; ViT-B-32, ViT-L-14, ... and the "
+                        "'-quickgelu' variants, which OpenAI's weights need); MindONE's clip_vit_b_16 / "
+                        "clip_vit_b_32 / clip_vit_l_14 and openai/clip-vit-base-patch16-style names mean "
+                        "the OpenAI (QuickGELU) variant")
+    g.add_argument("--config", default=None,
+                   help="architecture file instead of --model_name: an open_clip model config JSON (or "
+                        "the same keys in yaml), a transformers CLIP config.json, or a MindFormers CLIP yaml")
+    g.add_argument("--tokenizer_path", default=None,
+                   help="CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz (default: the copy in the "
+                        "installed open_clip package)")
+
+
+def add_common_flags(p: argparse.ArgumentParser, result_default: bool) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--backend", type=backend_name, default="cuda",
+                   help="cuda (PyTorch: open_clip / transformers / timm) or ascend (MindSpore Cells); "
+                        "MindONE's pt / ms work too (default: cuda)")
+    g.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
+    add_bool(g, "--save_result", default=result_default, help="write the scores to --result_path as JSON")
+    g.add_argument("--result_path", default="results.json",
+                   help="JSON file for the scores and per-image values (default: results.json; replaced)")
+    add_bool(g, "--quiet", default=False, help="print only the final scores, not one line per image")
+    add_bool(g, "--check_certificate", default=False,
+             help="accepted for MindONE compatibility and ignored: nothing is ever downloaded")
+
+
+def setup(args) -> None:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("PIL", "urllib3", "filelock", "httpx", "root", "timm", "open_clip"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+
+
+def clip_tokenizer(source, vocab_path):
+    """The CLIP tokenizer for `source` (pad id 0 as OpenCLIP and MindONE; the pad id does not
+    change CLIP's end-of-text pooling)."""
+    from common.tokenizer import CLIPTokenizer
+    tok = CLIPTokenizer(context_length=source.arch.context_length, pad_token=0, vocab_path=vocab_path)
+    if tok.vocab_size > source.arch.vocab_size:
+        raise UserError(f"the CLIP vocabulary has {tok.vocab_size} tokens but the model only "
+                        f"{source.arch.vocab_size}")
+    return tok
