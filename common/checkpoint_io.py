@@ -226,7 +226,13 @@ def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
     try:
         with warnings.catch_warnings():         # e.g. "pickle protocol 4": our error says more
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+            except RuntimeError:
+                if not zipped:
+                    raise
+                # a zip torch cannot map (e.g. written by an old torch): read it into memory
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses any global outside torch's tensor allow-list (os.system, custom
         # classes, ...). A truncated legacy pickle can end up here too, hence the hedge.
@@ -637,7 +643,7 @@ def _read_json(path: str) -> dict:
 def load_diffusers_folder(path: str, *, keep_bf16: bool = False) -> Dict[str, Dict[str, np.ndarray]]:
     """{component: {diffusers name: array}} for the unet / vae / text_encoder found in a diffusers
     folder (safetensors or .bin, plain or .fp16 variant), plus "extras" if this project wrote
-    them. The scheduler's prediction_type, when present, is under `folder_prediction_type`."""
+    them (see EXTRAS_FILE). `folder_prediction_type` reads the scheduler's prediction type."""
     path = os.fspath(path)
     if not is_diffusers_folder(path):
         raise UserError(f"{path}: not a diffusers model folder (no model_index.json, unet/, vae/ "

@@ -159,3 +159,52 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path, tiny_models):
     update = max(float((a[k] - w0[k]).abs().max()) for k in a)
     assert update > 0
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4 * update
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_models):
+    common = ("--with_prior_preservation", "False", "--train_text_encoder", "True", "--adam_epsilon", "1")
+    plain, args = make_trainer(tmp_path, tiny_models, "v2", *common)
+    ckpt, _ = make_trainer(tmp_path, tiny_models, "v2", *common, "--gradient_checkpointing", "True")
+    _, batch = fixed_batch(args, "v2")
+    la = plain.train_step(batch, 1e-3, True)["loss"]
+    lb = ckpt.train_step(batch, 1e-3, True)["loss"]
+    assert la == pytest.approx(lb, rel=1e-6)
+    a, b = plain._unet.state_dict(), ckpt._unet.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-7
+
+
+def test_ema_checkpoint_holds_the_ema_weights(tmp_path, tiny_models):
+    trainer, args = make_trainer(tmp_path, tiny_models, "v1", "--with_prior_preservation", "False",
+                                 "--train_text_encoder", "False", "--use_ema", "True", "--ema_decay", "0.9")
+    _, batch = fixed_batch(args)
+    w0 = {k: p.detach().clone() for k, p in trainer.trainable.items()}
+    trainer.train_step(batch, 1e-3, True)
+    d = 0.9 * (1 - np.exp(-1 / 2000))
+    key = next(k for k in trainer.trainable if k.endswith("conv_in.weight"))
+    expected = d * w0[key] + (1 - d) * trainer.trainable[key].detach()
+    assert torch.allclose(trainer.ema[key], expected, atol=1e-7)
+    exported = trainer.export_weights()
+    assert np.allclose(exported["model.diffusion_model.input_blocks.0.0.weight"], expected.numpy(), atol=1e-7)
+    # the live weights are back after exporting
+    assert not torch.allclose(trainer.trainable[key].detach(), expected)
+
+
+def test_offset_noise_is_constant_per_sample_and_channel(tmp_path):
+    args = make_args(tmp_path, "--with_prior_preservation", "False", "--offset_noise", "0.1")
+    plain = make_args(tmp_path, "--with_prior_preservation", "False")
+    sched = NoiseSchedule(load_arch(TINY["v1"]).schedule)
+    a = step_inputs(sched, args, 3, 0, 1, 2, (4, 8, 8), False)["noise"]
+    b = step_inputs(sched, plain, 3, 0, 1, 2, (4, 8, 8), False)["noise"]
+    offset = a - b
+    assert np.allclose(offset, offset[:, :, :1, :1], atol=1e-6) and np.abs(offset).max() > 1e-3
+
+
+def test_learning_rate_schedule(tmp_path):
+    from common.train_loop import learning_rate
+    args = make_args(tmp_path, "--start_learning_rate", "1e-4", "--warmup_steps", "4", "--end_learning_rate", "0",
+                     "--decay_steps", "10", "--with_prior_preservation", "False")
+    assert [learning_rate(args, s) for s in (0, 3)] == pytest.approx([2.5e-5, 1e-4])
+    assert learning_rate(args, 9) == pytest.approx(0.5e-4)
+    assert learning_rate(args, 100) == pytest.approx(0.0)
+    constant = make_args(tmp_path, "--start_learning_rate", "2e-6", "--with_prior_preservation", "False")
+    assert learning_rate(constant, 0) == learning_rate(constant, 500) == pytest.approx(2e-6)

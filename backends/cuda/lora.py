@@ -66,6 +66,8 @@ def lora_parameters(unet, text_encoder, targets) -> Dict[str, torch.nn.Parameter
 
 def export_lora(unet, text_encoder, targets, alpha: float) -> LoraSet:
     params = lora_parameters(unet, text_encoder, targets)
-    return {t: LoraPair(down=params[t + ".down"].detach().float().cpu().numpy(),
-                        up=params[t + ".up"].detach().float().cpu().numpy(), alpha=float(alpha))
+    def copy(p: torch.Tensor) -> np.ndarray:  # a copy, never a view of the live (possibly swapped) weights
+        return p.detach().to("cpu", torch.float32, copy=True).numpy()
+
+    return {t: LoraPair(down=copy(params[t + ".down"]), up=copy(params[t + ".up"]), alpha=float(alpha))
             for t in targets}

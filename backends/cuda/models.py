@@ -60,7 +60,7 @@ def module_weights(module: torch.nn.Module) -> Dict[str, np.ndarray]:
             continue
         if is_text and not k.startswith(TEXT_PREFIX):
             k = TEXT_PREFIX + k
-        out[k] = v.detach().to("cpu", torch.float32).numpy()
+        out[k] = v.detach().to("cpu", torch.float32, copy=True).numpy()  # a copy: not a view of live weights
     return out
 
 

@@ -184,18 +184,21 @@ def _convert_model(args, kind: str, source, arch, target_kind: str) -> str:
         ldm.update(_load_vae(args.vae, arch))
     parts = keymap.present_parts(ldm)
     if target_kind == "ms":
-        cio.save_mindspore_ckpt(args.target, mindspore_layout.ldm_to_mindspore(ldm, arch),
-                                overwrite=args.overwrite, dtype=args.dtype)
+        out = mindspore_layout.ldm_to_mindspore(ldm, arch)
+        cio.save_mindspore_ckpt(args.target, out, overwrite=args.overwrite, dtype=args.dtype)
+        count = len(out)
     elif target_kind == "pt":
         cio.save_state_dict(args.target, ldm, overwrite=args.overwrite, dtype=args.dtype)
+        count = len(ldm)
     elif target_kind == "diffusers":
-        cio.save_diffusers_folder(args.target, keymap.ldm_to_diffusers(ldm, arch, parts=parts),
-                                  arch, overwrite=args.overwrite, dtype=args.dtype)
+        comps = keymap.ldm_to_diffusers(ldm, arch, parts=parts)
+        cio.save_diffusers_folder(args.target, comps, arch, overwrite=args.overwrite, dtype=args.dtype)
+        count = sum(len(c) for c in comps.values())
     else:
         raise UserError("--to kohya is for LoRAs; a model goes to ms, pt or diffusers")
     missing = [p for p in keymap.PARTS if p not in parts]
     note = f"; no {'/'.join(missing)} in the source (add a VAE with --vae)" if missing else ""
-    return f"{len(ldm)} tensors ({'/'.join(parts)}){note}"
+    return f"{count} tensors ({'/'.join(parts)}){note}"
 
 
 # --------------------------------------------------------------------------- LoRA
