@@ -557,7 +557,7 @@ class ClipSource:
     arch: ClipArch
     path: str
     kind: str                    # safetensors / torch / torchscript / mindspore / transformers
-    weights: Optional[Dict[str, np.ndarray]] = field(default=None, repr=False)
+    weights: Dict[str, np.ndarray] = field(repr=False)
 
     def describe(self) -> Dict[str, Any]:
         return {"architecture": self.arch.name, "weights": self.path, "format": self.kind,

@@ -416,17 +416,22 @@ def write_dreambooth_report(folder: str, results: Dict[str, Any], overwrite: boo
         m = models.get(role)
         if m and m.get("description"):
             lines += [f"> **Note ({role.upper()} model):** {m['description']}", ""]
-    t, i, d = s["clip_t"], s["clip_i"], s["dino"]
-    ref = PAPER_REFERENCE
+    t = s["clip_t"]
+    paper, real = PAPER_REFERENCE["dreambooth_sd"], PAPER_REFERENCE["real_images"]
+
+    def row(label, score, key=None, x100=None):
+        cos = score["cosine"] if score and x100 is None else None
+        shown = _fmt(x100, 1, 2) if x100 is not None else _fmt(cos, 100, 2)
+        pairs = (score["pairs"] if score else "not computed") if key else ""
+        return (f"| {label} | {_fmt(cos) if x100 is None else ''} | {shown} | {paper.get(key, '')} | "
+                f"{real.get(key, 'n/a' if key else '')} | {pairs} |")
+
     lines += ["| metric | cosine | x100 | DreamBooth paper (SD) | real images | pairs |",
               "| --- | --- | --- | --- | --- | --- |",
-              f"| CLIP-T | {_fmt(t['cosine'])} | {_fmt(t['cosine'], 100, 2)} | {ref['dreambooth_sd']['clip_t']} | n/a | {t['pairs']} |",
-              f"| CLIP-T, torchmetrics max(mean, 0) | | {_fmt(t['torchmetrics'], 1, 2)} | | | |",
-              f"| CLIP-T, per-pair clamp mean(max(100 cos, 0)) | | {_fmt(t['x100_clamped_pairs'], 1, 2)} | | | |",
-              f"| CLIP-I | {_fmt(i['cosine'])} | {_fmt(i['cosine'], 100, 2)} | {ref['dreambooth_sd']['clip_i']} | {ref['real_images']['clip_i']} | {i['pairs']} |",
-              f"| DINO | {_fmt(d['cosine'] if d else None)} | {_fmt(d['cosine'] if d else None, 100, 2)} | "
-              f"{ref['dreambooth_sd']['dino']} | {ref['real_images']['dino']} | {d['pairs'] if d else 'not computed'} |",
-              ""]
+              row("CLIP-T", t, "clip_t"),
+              row("CLIP-T, torchmetrics max(mean, 0)", t, x100=t["torchmetrics"]),
+              row("CLIP-T, per-pair clamp mean(max(100 cos, 0))", t, x100=t["x100_clamped_pairs"]),
+              row("CLIP-I", s["clip_i"], "clip_i"), row("DINO", s["dino"], "dino"), ""]
     lines += ["Definitions: " + "; ".join(f"**{k}** = {v}" for k, v in DEFINITIONS.items()) + ". "
               "Paper numbers are for reference only: they depend on the backbone (not named in the paper) "
               "and never compare across CLIP variants or scales.", ""]

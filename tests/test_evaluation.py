@@ -12,13 +12,14 @@ import warnings
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import ROOT, SUBJECT
 from common import evaluation as ev
 from common.checkpoint_io import save_state_dict
 from common.errors import UserError
-from common.eval_models import (ClipSource, canonical_clip_weights, clip_arch, clip_parameter_shapes, dino_arch,
+from common.eval_models import (ClipSource, clip_arch, clip_parameter_shapes, dino_arch,
                                 dino_parameter_shapes, load_clip_source, load_dino_source, open_clip_to_mindspore)
 from common.tokenizer import CLIPTokenizer
 
@@ -179,6 +180,21 @@ def test_architectures_match_open_clip_and_timm():
     assert {k: tuple(v.shape) for k, v in vit.state_dict().items()} == dino_parameter_shapes(dino_arch())
 
 
+def test_config_files(tmp_path):
+    """transformers' CLIPConfig keys, also nested as in a MindFormers yaml (model: model_config:)."""
+    hf = {"projection_dim": 16, "text_config": {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2,
+                                                "intermediate_size": 64, "max_position_embeddings": 77},
+          "vision_config": {"hidden_size": 48, "num_attention_heads": 3, "num_hidden_layers": 1, "intermediate_size": 96,
+                            "image_size": 32, "patch_size": 8}}
+    (tmp_path / "clip.yaml").write_text(yaml.safe_dump({"model": {"model_config": hf}}))
+    arch = clip_arch(config=str(tmp_path / "clip.yaml"))
+    assert (arch.embed_dim, arch.vision_heads, arch.vision_mlp, arch.text_mlp, arch.act) == (16, 3, 96, 64, "quick_gelu")
+    (tmp_path / "dino.json").write_text(json.dumps({"img_size": 64, "patch_size": 16, "embed_dim": 64, "depth": 1,
+                                                    "num_heads": 4}))
+    d = dino_arch(config=str(tmp_path / "dino.json"))
+    assert (d.image_size, d.grid, d.width, d.mlp, d.heads) == (64, 4, 64, 256, 4)
+
+
 def test_weight_formats_load_the_same_clip(tmp_path, models, clip_source, tokenizer, gen_dir):
     import mindspore as ms
     import open_clip
@@ -191,6 +207,11 @@ def test_weight_formats_load_the_same_clip(tmp_path, models, clip_source, tokeni
                tmp_path / "open_clip_ckpt.pt")
     save_state_dict(str(tmp_path / "mindone.ckpt"), {open_clip_to_mindspore(k): v for k, v in ref.items()},
                     format="mindspore")
+    dino = load_dino_source(models["dino_ckpt"], config=models["dino_config"])
+    torch.save({"backbone." + k: torch.from_numpy(v.copy()) for k, v in {**dino.weights, "head.weight": np.ones(3)}.items()},
+               tmp_path / "dino_teacher.pth")                    # DINO-style prefix, a head to ignore
+    again = load_dino_source(str(tmp_path / "dino_teacher.pth"), config=models["dino_config"])
+    assert all(np.array_equal(again.weights[k], v) for k, v in dino.weights.items())
     for name in ("sd.pt", "open_clip_ckpt.pt", "mindone.ckpt"):
         src = load_clip_source(str(tmp_path / name), config=models["clip_config"])
         assert src.weights.keys() == ref.keys(), name
@@ -232,7 +253,7 @@ def test_transformers_folder_on_both_backends(tmp_path, tokenizer, gen_dir):
     src = load_clip_source(str(tmp_path / "hf"))
     assert src.kind == "transformers" and src.arch.act == "quick_gelu" and src.arch.vision_heads == 3
     hf = ev.load_clip_encoder("cuda", src)
-    assert hf.library == "transformers"
+    assert hf.hf and hf.library.startswith("transformers")
     others = [ev.load_clip_encoder("ascend", src),
               ev.load_clip_encoder("cuda", ClipSource(src.arch, "mapped", "safetensors", src.weights))]
     pixels = np.stack([ev.preprocess_image(p, 32) for p in ev.list_eval_images(gen_dir, "generated")])

@@ -1,5 +1,32 @@
-"""PyTorch/CUDA backend: diffusers/transformers/PEFT models, accelerate for data parallelism."""
-from .pipeline import Pipeline
-from .trainer import Trainer
+"""PyTorch/CUDA backend: diffusers/transformers/PEFT models, accelerate for data parallelism.
 
-__all__ = ["Pipeline", "Trainer"]
+Submodules are imported on first use, so e.g. the evaluation tools do not pay for diffusers:
+
+- device:       CUDA when present, else CPU; compute dtype
+- models:       UNet2DConditionModel / AutoencoderKL / CLIPTextModel from an architecture config
+- lora:         PEFT adapters for training, merged LoRA for inference
+- pipeline:     Pipeline (the backend interface for text_to_image and class images)
+- trainer:      Trainer (the backend interface for train_dreambooth)
+- eval_models:  open_clip / transformers CLIP and timm DINO encoders for tools/eval
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"Pipeline": "pipeline", "Trainer": "trainer", "ClipEncoder": "eval_models", "DinoEncoder": "eval_models"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("torch", "diffusers", "transformers", "peft", "accelerate",
+                                               "open_clip", "timm"):
+            from common.errors import UserError
+            raise UserError(f"backend cuda needs {e.name} (pip install -e '.[cuda]'): it is not installed") from None
+        raise
+    return getattr(module, name)

@@ -37,10 +37,31 @@ def _load(module: torch.nn.Module, weights, what: str) -> None:
         raise UserError(f"{what}: weights do not fit the model: {str(e).splitlines()[0]}") from None
 
 
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device):
+    """Plain fp32 matmuls and convolutions on the GPU (no TF32, which cuDNN convolutions use by
+    default), so scores agree with the CPU and MindSpore to float32 rounding."""
+    knobs = [(getattr(torch.backends.cuda, "matmul", None), "fp32_precision"),
+             (getattr(torch.backends.cudnn, "conv", None), "fp32_precision")]   # torch >= 2.9 API
+    knobs = [(o, n) for o, n in knobs if o is not None and hasattr(o, n)] if device.type == "cuda" else []
+    saved = [getattr(obj, name) for obj, name in knobs]
+    try:
+        for obj, name in knobs:
+            setattr(obj, name, "ieee")
+        yield
+    finally:
+        for (obj, name), value in zip(knobs, saved):
+            setattr(obj, name, value)
+
+
 class _TorchEncoder:
     def __init__(self, model: torch.nn.Module):
         self.device = pick_device()
         self.model = model.to(self.device).float().eval()
+
+    def _run(self, fn, **inputs) -> np.ndarray:
+        with torch.no_grad(), _ieee_fp32(self.device):
+            return self._numpy(fn(**{k: self._tensor(v) for k, v in inputs.items()}))
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
@@ -60,6 +81,7 @@ class ClipEncoder(_TorchEncoder):
     def __init__(self, source: ClipSource):
         self.arch = source.arch
         if source.kind == "transformers":
+            import transformers
             from transformers import CLIPModel
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
@@ -68,7 +90,7 @@ class ClipEncoder(_TorchEncoder):
             except (OSError, ValueError) as e:
                 raise UserError(f"{source.path}: not a loadable transformers CLIP folder: "
                                 f"{str(e).splitlines()[0]}") from None
-            self.library = "transformers"
+            self.library, self.hf = f"transformers {transformers.__version__}", True
         else:
             import open_clip
             if self.arch.eps != 1e-5:
@@ -81,22 +103,20 @@ class ClipEncoder(_TorchEncoder):
                 else:
                     model = open_clip.CLIP(**self.arch.open_clip_config())
             _load(model, source.weights, source.path)
-            self.library = f"open_clip {open_clip.__version__}"
+            self.library, self.hf = f"open_clip {open_clip.__version__}", False
         super().__init__(model)
 
-    @torch.no_grad()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        x = self._tensor(pixels.astype(np.float32))
-        if self.library == "transformers":
-            return self._numpy(self.model.get_image_features(pixel_values=x))
-        return self._numpy(self.model.encode_image(x))
+        pixels = pixels.astype(np.float32)
+        if self.hf:
+            return self._run(self.model.get_image_features, pixel_values=pixels)
+        return self._run(self.model.encode_image, image=pixels)
 
-    @torch.no_grad()
     def encode_text(self, ids: np.ndarray) -> np.ndarray:
-        x = self._tensor(ids.astype(np.int64))
-        if self.library == "transformers":
-            return self._numpy(self.model.get_text_features(input_ids=x))
-        return self._numpy(self.model.encode_text(x))
+        ids = ids.astype(np.int64)
+        if self.hf:
+            return self._run(self.model.get_text_features, input_ids=ids)
+        return self._run(self.model.encode_text, text=ids)
 
 
 class DinoEncoder(_TorchEncoder):
@@ -116,6 +136,5 @@ class DinoEncoder(_TorchEncoder):
         self.library = f"timm {timm.__version__}"
         super().__init__(model)
 
-    @torch.no_grad()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        return self._numpy(self.model(self._tensor(pixels.astype(np.float32))))
+        return self._run(self.model, x=pixels.astype(np.float32))

@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _path  # noqa: F401,E402  (repository root on sys.path)
@@ -20,7 +21,8 @@ WEIGHTS_HELP = ("Weights come only from local files, never downloaded: a state d
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    epilog = PREPROCESS_HELP + "\n\nScores: " + "; ".join(f"{k} = {v}" for k, v in DEFINITIONS.items())
+    scores = "Scores: " + "; ".join(f"{k} = {v}" for k, v in DEFINITIONS.items()) + "."
+    epilog = "\n\n".join(textwrap.fill(text, 100) for text in (PREPROCESS_HELP, scores))
     return UserArgumentParser(prog=prog, description=doc, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
