@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import ROOT, SUBJECT, TINY
 from common.checkpoint_io import load_state_dict

@@ -1,7 +1,6 @@
 """Sampling and LoRA loading on the PyTorch backend."""
 import numpy as np
 import pytest
-import torch
 
 from conftest import TINY
 from common import lora as lora_fmt

@@ -1,6 +1,5 @@
 """Training on the PyTorch backend with the tiny models: each mode learns, touches only what it
 should, computes the loss it claims to, and resumes exactly."""
-import os
 
 import numpy as np
 import pytest

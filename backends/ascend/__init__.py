@@ -23,7 +23,7 @@ _EXPORTS = {
     "UNetModel": "unet", "AutoencoderKL": "vae", "TextTransformer": "text_encoder",
     "LoRADense": "lora", "inject_lora": "lora", "merge_lora": "lora", "fold_lora": "lora",
     "remove_lora": "lora", "export_lora": "lora", "lora_parameters": "lora",
-    "Pipeline": "pipeline",
+    "Pipeline": "pipeline", "Trainer": "trainer",
 }
 
 __all__ = sorted(_EXPORTS)

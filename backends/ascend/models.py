@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Set
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 

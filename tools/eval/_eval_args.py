@@ -76,3 +76,32 @@ def clip_tokenizer(source, vocab_path):
         raise UserError(f"the CLIP vocabulary has {tok.vocab_size} tokens but the model only "
                         f"{source.arch.vocab_size}")
     return tok
+
+
+def save_scores(args, metric: str, result: dict, encoder, source, **extra) -> None:
+    """Write a score's JSON (with the per-image values, model, definitions and preprocessing)."""
+    from common.evaluation import describe_encoder, write_json
+    per_image = result.pop("per_image")
+    write_json(args.result_path, {"metric": metric, "scores": result, **extra, "per_image": per_image,
+                                  "model": describe_encoder(encoder, source), "definitions": DEFINITIONS,
+                                  "preprocessing": PREPROCESS_HELP})
+    print(f"results: {args.result_path}")
+
+
+def pairwise_main(args, metric: str, label: str, load_source, load_encoder, mean, std) -> int:
+    """CLIP-I and DINO: every generated image against every real image, printed and saved."""
+    from common.evaluation import check_images, evaluate_pairwise, list_eval_images
+    gen = list_eval_images(args.gen_image_path_or_dir, "generated")
+    real = list_eval_images(args.real_image_path_or_dir, "real")
+    check_images(gen + real)  # every input is checked before a framework or model is loaded
+    source = load_source()
+    encoder = load_encoder(args.backend, source)
+    result = evaluate_pairwise(encoder, gen, real, mean, std, args.batch_size)
+    if not args.quiet:
+        for row in result["per_image"]:
+            print(f"{row['image_path']}  {row['cosine']:.4f}  (mean over {len(real)} real images)")
+    print(f"{label} ({source.arch.name}, backend {args.backend}, {len(gen)} generated x {len(real)} real): "
+          f"cosine {result['cosine']:.4f} | x100 {result['x100']:.2f}")
+    if args.save_result:
+        save_scores(args, metric, result, encoder, source, real_images=real)
+    return 0

@@ -15,8 +15,8 @@ from __future__ import annotations
 import _eval_args as ea
 from common.cli import run_cli
 from common.eval_models import load_clip_source
-from common.evaluation import (DEFINITIONS, PREPROCESS_HELP, check_images, describe_encoder, evaluate_clip_t,
-                               list_eval_images, load_clip_encoder, prompt_index, read_prompts, write_json)
+from common.evaluation import (check_images, evaluate_clip_t, list_eval_images, load_clip_encoder, prompt_index,
+                               read_prompts)
 
 
 def build_parser():
@@ -48,11 +48,7 @@ def main(argv=None) -> int:
           f"cosine {result['cosine']:.4f} | x100 {result['x100']:.2f} | torchmetrics max(mean, 0) "
           f"{result['torchmetrics']:.2f} | mean per-pair clamp {result['x100_clamped_pairs']:.2f}")
     if args.save_result:
-        per_image = result.pop("per_image")
-        write_json(args.result_path, {"metric": "clip_t", "scores": result, "prompts": prompts,
-                                      "per_image": per_image, "model": describe_encoder(encoder, source),
-                                      "definitions": DEFINITIONS, "preprocessing": PREPROCESS_HELP})
-        print(f"results: {args.result_path}")
+        ea.save_scores(args, "clip_t", result, encoder, source, prompts=prompts)
     return 0
 
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 import _eval_args as ea
 from common.cli import run_cli
 from common.eval_models import DEFAULT_DINO, load_dino_source
-from common.evaluation import (DEFINITIONS, IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_HELP, check_images,
-                               describe_encoder, evaluate_pairwise, list_eval_images, load_dino_encoder, write_json)
+from common.evaluation import load_dino_encoder, IMAGENET_MEAN, IMAGENET_STD
 
 
 def build_parser():
@@ -39,24 +38,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ea.setup(args)
-    gen = list_eval_images(args.gen_image_path_or_dir, "generated")
-    real = list_eval_images(args.real_image_path_or_dir, "real")
-    check_images(gen + real)
-    source = load_dino_source(args.ckpt_path, args.model_name, args.config)
-    encoder = load_dino_encoder(args.backend, source)
-    result = evaluate_pairwise(encoder, gen, real, IMAGENET_MEAN, IMAGENET_STD, args.batch_size)
-    if not args.quiet:
-        for row in result["per_image"]:
-            print(f"{row['image_path']}  {row['cosine']:.4f}  (mean over {len(real)} real images)")
-    print(f"DINO ({source.arch.name}, backend {args.backend}, {len(gen)} generated x {len(real)} real): "
-          f"cosine {result['cosine']:.4f} | x100 {result['x100']:.2f}")
-    if args.save_result:
-        per_image = result.pop("per_image")
-        write_json(args.result_path, {"metric": "dino", "scores": result, "real_images": real,
-                                      "per_image": per_image, "model": describe_encoder(encoder, source),
-                                      "definitions": DEFINITIONS, "preprocessing": PREPROCESS_HELP})
-        print(f"results: {args.result_path}")
-    return 0
+    return ea.pairwise_main(args, "dino", "DINO", lambda: load_dino_source(args.ckpt_path, args.model_name, args.config), load_dino_encoder, IMAGENET_MEAN, IMAGENET_STD)
 
 
 if __name__ == "__main__":
