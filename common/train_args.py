@@ -112,8 +112,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="save every N optimizer steps instead of every ckpt_save_interval epochs")
     g.add_argument("--ckpt_max_keep", "--checkpoints_total_limit", type=int, default=10,
                    help="keep the last k checkpoints (MindONE keeps 10)")
-    g.add_argument("--save_format", default="safetensors", choices=("safetensors", "ckpt"),
-                   help="full checkpoints as original-layout .safetensors or torch .ckpt")
+    g.add_argument("--save_format", default="safetensors", choices=("safetensors", "ckpt", "mindspore"),
+                   help="full checkpoints as original-layout .safetensors, torch .ckpt, or (mindspore) "
+                        "a MindONE-layout MindSpore .ckpt")
     g.add_argument("--validation_prompts", "--validation_prompt", nargs="*", default=None,
                    help="prompts sampled with a fixed seed every --validation_steps steps")
     g.add_argument("--validation_steps", type=int, default=100, help="steps between validation images")

@@ -28,6 +28,7 @@ from .errors import UserError
 from .generate import SampleSettings, text_to_image
 from .images import make_grid, save_png
 from .init_weights import random_weights
+from .mindspore_layout import ldm_to_mindspore, lora_to_mindspore
 from .rng import Streams
 from .schedule import NoiseSchedule
 from .tokenizer import tokenizer_for
@@ -35,6 +36,7 @@ from .tokenizer import tokenizer_for
 log = logging.getLogger("train")
 
 STATE_NAME = "train_state"
+MINDSPORE_LORA_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout: ascend backend or --save_format mindspore
 _CKPT_RE = re.compile(r"^(?:sd|lora)-(\d+)(?:\.safetensors|\.ckpt)?$")
 
 
@@ -126,8 +128,10 @@ class RunFolder:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, str]) -> None:
-    """A LoRA checkpoint: the diffusers file and the kohya file side by side, written atomically."""
+def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, str],
+                     mindspore_arch: Optional[ModelArch] = None) -> None:
+    """A LoRA checkpoint: the diffusers file and the kohya file side by side (plus, given
+    `mindspore_arch`, MindONE's MindSpore LoRA .ckpt), written atomically."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -135,6 +139,9 @@ def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, st
                                   metadata={"format": "pt"})
     checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.KOHYA_WEIGHT_NAME), lora_fmt.to_kohya(lora),
                                   metadata=metadata)
+    if mindspore_arch is not None:
+        checkpoint_io.save_mindspore_ckpt(os.path.join(tmp, MINDSPORE_LORA_NAME),
+                                          lora_to_mindspore(lora, mindspore_arch))
     if os.path.isdir(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -263,7 +270,12 @@ def save_checkpoint(folder: RunFolder, trainer, arch: ModelArch, args, step: int
                          metadata={"ss_network_dim": str(args.lora_rank), "ss_network_alpha": str(args.lora_alpha),
                                    "ss_base_model_version": "sd_v2" if arch.version == "sd2" else "sd_v1",
                                    "ss_v2": str(arch.version == "sd2"),
-                                   "ss_v_parameterization": str(arch.schedule.parameterization == "v")})
+                                   "ss_v_parameterization": str(arch.schedule.parameterization == "v")},
+                         mindspore_arch=arch if args.backend == "ascend" or args.save_format == "mindspore"
+                         else None)
+    elif args.save_format == "mindspore":
+        path = os.path.join(folder.ckpt, f"sd-{step}.ckpt")
+        checkpoint_io.save_mindspore_ckpt(path, ldm_to_mindspore(trainer.export_weights(), arch), overwrite=True)
     else:
         path = os.path.join(folder.ckpt, f"sd-{step}.{args.save_format}")
         checkpoint_io.save_state_dict(path, trainer.export_weights(), overwrite=True)

@@ -2,41 +2,43 @@
 
 Like the PyTorch Trainer, this file is only arithmetic: every random number (posterior noise,
 diffusion noise, offset noise, timesteps and their schedule coefficients, loss weights) arrives in
-the batch from common.train_loop. Two compiled Cells do the work:
+the batch from common.train_loop. Two compiled Cells (GRAPH_MODE, or PYNATIVE_MODE with --mode 1)
+do the work:
 
-- `_GradStep`: VAE encode (frozen), noise, text encoder, UNet, weighted MSE, gradients of
-  loss * loss_scale / accumulation added into per-parameter buffers;
-- `_UpdateStep`: unscale, (data parallel) average across ranks, overflow check, global-norm
-  clipping, AdamW with torch.optim.AdamW's arithmetic (bias correction, eps outside the sqrt,
-  decoupled weight decay), EMA, and zeroed buffers. An overflowing step changes nothing.
+- `_GradStep`: VAE encode (frozen), noise, text encoder, UNet, weighted MSE; the gradients of
+  loss * loss_scale / accumulation_steps are added into per-parameter buffers;
+- `_UpdateStep`: (data parallel) mean across ranks, overflow check, unscaling, global-norm
+  clipping, torch.optim.AdamW's step (bias correction, eps outside the sqrt, decoupled weight
+  decay) through MindSpore's fused AdamWeightDecay kernel, EMA, emptied buffers. An overflowing
+  step changes nothing.
 
 Scalars that vary per step (learning rate, bias corrections, loss scale, EMA decay) are computed on
-the host in float64, exactly as torch computes them, and enter the graphs as tensors, so nothing
-recompiles. The loss scale follows torch's GradScaler / MindONE's DynamicLossScaleUpdateCell on the
-host; fp16 loss scaling is used on Ascend only, fp32 runs unscaled.
+the host in float64, as torch computes them, and enter the graphs as tensors, so nothing
+recompiles. The dynamic loss scale (torch's GradScaler = MindONE's DynamicLossScaleUpdateCell)
+lives on the host too; it is used with fp16 on Ascend, while fp32 (CPU) runs unscaled.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Dict, List, Optional
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore.amp import all_finite
 
 from common import checkpoint_io
 from common.arch import ModelArch
+from common.checkpoint_io import BF16, cast_array
 from common.errors import UserError
 from common.lora import LoraSet
-from common.mindspore_layout import mindspore_to_ldm
+from common.mindspore_layout import ldm_to_mindspore, mindspore_to_ldm
 from .device import compute_dtype, setup
 from .lora import export_lora, inject_lora, lora_layers, lora_parameters
 from .models import build_models, load_original
 from .pipeline import Pipeline
 
-log = logging.getLogger("backends.ascend")
 FP32 = ms.float32
 
 
@@ -71,6 +73,37 @@ class _LossCell(nn.Cell):
         return loss * sens, loss, instance, prior
 
 
+# per-parameter functions for ops.HyperMap
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+_adamw = ops.MultitypeFuncGraph("adamw")
+_ema = ops.MultitypeFuncGraph("ema")
+_zero = ops.MultitypeFuncGraph("zero")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_tensor(g):
+    return ops.square(g).sum()
+
+
+@_adamw.register("Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                 "Tensor", "Tensor", "Tensor")
+def _adamw_tensor(kernel, lr, beta1, beta2, eps, decay, grad_scale, p, m, v, acc):
+    """MindSpore's fused AdamWeightDecay kernel (m, v, then p -= lr * (m / (sqrt(v) + eps) + decay * p))
+    on the unscaled, clipped gradient acc * grad_scale. Returns p, read after the update."""
+    return ops.depend(p, kernel(p, m, v, lr, beta1, beta2, eps, decay, acc * grad_scale))
+
+
+@_ema.register("Tensor", "Tensor", "Tensor", "Tensor")
+def _ema_tensor(decay, weight, ema, p):
+    """ema.mul_(decay).add_(p, alpha=1 - decay)."""
+    return ops.assign(ema, ema * decay + p * weight)
+
+
+@_zero.register("Tensor")
+def _zero_tensor(acc):
+    return ops.assign(acc, ops.zeros_like(acc))
+
+
 class _GradStep(nn.Cell):
     """Forward and backward of one micro-batch; gradients are added into `accum`."""
 
@@ -80,21 +113,24 @@ class _GradStep(nn.Cell):
         self.params = ParameterTuple(params)
         self.accum = self.params.clone(prefix="accum", init="zeros")
         self.grad_fn = ms.value_and_grad(self.loss_cell, None, self.params, has_aux=True)
+        self.hyper_map = ops.HyperMap()
 
     def construct(self, images, latent_noise, noise, coef_a, coef_b, timesteps, ids, loss_weights,
                   instance_w, prior_w, prior_loss_weight, sens):
         (_, loss, instance, prior), grads = self.grad_fn(
             images, latent_noise, noise, coef_a, coef_b, timesteps, ids, loss_weights, instance_w,
             prior_w, prior_loss_weight, sens)
-        done = True
-        for acc, g in zip(self.accum, grads):
-            done = ops.depend(done, ops.assign_add(acc, g))
+        done = self.hyper_map(ops.assign_add, self.accum, grads)
         return ops.depend(loss, done), instance, prior
 
 
 class _UpdateStep(nn.Cell):
-    """The optimizer step on the accumulated gradients (torch.optim.AdamW arithmetic, applied
-    only when every gradient is finite), EMA, and zeroed buffers. Returns (finite, grad_norm)."""
+    """The optimizer step on the accumulated gradients, skipped when they overflowed; EMA; emptied
+    buffers. Returns (finite, global gradient norm (0 unless clipping)).
+
+    torch.optim.AdamW's step, p <- p * (1 - lr * wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps),
+    is MindSpore's fused AdamWeightDecay kernel with lr' = lr * sqrt(bc2) / bc1,
+    eps' = eps * sqrt(bc2) and decay' = lr * wd / lr' (one kernel per tensor compiles fast)."""
 
     def __init__(self, params: ParameterTuple, accum: ParameterTuple, clip: bool,
                  check_overflow: bool, use_ema: bool, world_size: int):
@@ -108,41 +144,34 @@ class _UpdateStep(nn.Cell):
         self.check_overflow = check_overflow
         self.reducer = (nn.DistributedGradReducer(params, mean=True, degree=world_size)
                         if world_size > 1 else None)
+        self.kernel = ops.AdamWeightDecay()
+        self.hyper_map = ops.HyperMap()
 
-    def construct(self, decay_factor, beta1_w, beta2, beta2_w, step_size, bc2_sqrt, eps, inv_scale,
-                  max_norm, ema_decay, ema_w):
-        grads = ()
-        for acc in self.accum:
-            grads += (acc * inv_scale,)
+    def construct(self, lr, beta1, beta2, eps, decay, inv_scale, max_norm, ema_decay, ema_w):
+        grads = self.accum
         if self.reducer is not None:
-            grads = self.reducer(grads)
-        sq = ()
-        for g in grads:
-            sq += (ops.square(g).sum(),)
-        norm = ops.sqrt(ops.stack(sq).sum())
-        finite = ops.isfinite(norm) if self.check_overflow else ops.ones((), ms.bool_)
-        if self.clip:   # torch.nn.utils.clip_grad_norm_
-            coef = ops.minimum(max_norm / (norm + 1e-6), 1.0)
-            clipped = ()
-            for g in grads:
-                clipped += (g * coef,)
-            grads = clipped
-        done = True
-        for i in range(len(grads)):
-            p, m, v, g = self.params[i], self.exp_avg[i], self.exp_avg_sq[i], grads[i]
-            new_p = p * decay_factor                   # decoupled weight decay
-            new_m = m + beta1_w * (g - m)              # exp_avg.lerp_(grad, 1 - beta1)
-            new_v = v * beta2 + beta2_w * g * g        # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
-            denom = ops.sqrt(new_v) / bc2_sqrt + eps
-            new_p = new_p - step_size * new_m / denom
-            done = ops.depend(done, ops.assign(m, ops.select(finite, new_m, m)))
-            done = ops.depend(done, ops.assign(v, ops.select(finite, new_v, v)))
-            if self.use_ema:
-                e = self.ema[i]
-                done = ops.depend(done, ops.assign(e, ops.select(finite, e * ema_decay + new_p * ema_w, e)))
-            done = ops.depend(done, ops.assign(p, ops.select(finite, new_p, p)))
-            done = ops.depend(done, ops.assign(self.accum[i], ops.zeros_like(g)))
-        return ops.depend(finite, done), norm
+            grads = self.reducer(grads)                       # mean over ranks
+        grad_scale = inv_scale
+        norm = ops.zeros((), FP32)
+        if self.clip:   # torch.nn.utils.clip_grad_norm_ on the unscaled gradients (scales are powers of 2)
+            norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads))) * inv_scale
+            grad_scale = inv_scale * ops.minimum(max_norm / (norm + 1e-6), 1.0)
+        step = ops.partial(_adamw, self.kernel, lr, beta1, beta2, eps, decay, grad_scale)
+        if self.check_overflow:
+            finite = all_finite(grads)      # also reads Ascend's overflow status in saturation mode
+            if finite:
+                norm = ops.depend(norm, self._apply(step, grads, ema_decay, ema_w))
+        else:
+            finite = ops.ones((), ms.bool_)
+            norm = ops.depend(norm, self._apply(step, grads, ema_decay, ema_w))
+        norm = ops.depend(norm, self.hyper_map(_zero, self.accum))      # empty the buffers
+        return finite, norm
+
+    def _apply(self, step, grads, ema_decay, ema_w):
+        new_params = self.hyper_map(step, self.params, self.exp_avg, self.exp_avg_sq, grads)
+        if self.use_ema:
+            return self.hyper_map(ops.partial(_ema, ema_decay, ema_w), self.ema, new_params)
+        return new_params
 
 
 def _tensor(x) -> Tensor:
@@ -152,7 +181,7 @@ def _tensor(x) -> Tensor:
 class Trainer:
     """The backend Trainer (see backends/__init__.py): `train_step`, `compute_loss`,
     `export_weights`, `export_lora`, `save_state` / `load_state`, `pipeline`, `rank`,
-    `world_size`, `device`."""
+    `world_size`, `device`; `restart` begins a new run without recompiling."""
 
     def __init__(self, arch: ModelArch, weights: Dict[str, np.ndarray], args, lora_init: Optional[LoraSet] = None):
         self.arch = arch
@@ -162,6 +191,7 @@ class Trainer:
         self.dtype = compute_dtype(args.mixed_precision, self.device)
         self.base_weights = weights           # untouched tensors (VAE, extras) for export_weights
         self.train_text = bool(args.train_text_encoder) and not args.use_lora
+        self.compiled_for = setup_key(args, lora_init)
 
         net = build_models(arch, self.dtype)
         load_original(net, weights, arch)
@@ -169,8 +199,7 @@ class Trainer:
             p.requires_grad = False
         if args.use_lora:
             # before any wrapper Cell exists: injection changes the network's structure
-            lora_dtype = None if args.lora_fp16 else FP32
-            inject_lora(arch, net.unet, net.text_encoder, lora_init, dtype=lora_dtype)
+            inject_lora(arch, net.unet, net.text_encoder, lora_init, dtype=None if args.lora_fp16 else FP32)
             params = lora_parameters(net.unet, net.text_encoder)
         else:
             params = list(net.unet.get_parameters())
@@ -186,16 +215,46 @@ class Trainer:
         self.net = net
 
         self.loss_scaling = self.dtype == ms.float16
-        self.loss_scale = float(args.init_loss_scale) if self.loss_scaling else 1.0
+        self.loss_cell = _LossCell(net, arch.scale_factor, arch.schedule.parameterization == "v", self.text_trainable)
+        self.grad_step = _GradStep(self.loss_cell, params)
+        self.params = self.grad_step.params
+        self.update_step = self._update_cell()
+        self._reset_counters()
+
+    def _update_cell(self) -> _UpdateStep:
+        return _UpdateStep(self.params, self.grad_step.accum, bool(self.args.clip_grad), self.loss_scaling,
+                           bool(self.args.use_ema), self.world_size)
+
+    def _reset_counters(self) -> None:
+        self.loss_scale = float(self.args.init_loss_scale) if self.loss_scaling else 1.0
         self.growth_tracker = 0
         self.optimizer_step = 0
         self.ema_updates = 0
-        loss_cell = _LossCell(net, arch.scale_factor, arch.schedule.parameterization == "v", self.text_trainable)
-        self.loss_cell = loss_cell
-        self.grad_step = _GradStep(loss_cell, params)
-        self.update_step = _UpdateStep(self.grad_step.params, self.grad_step.accum, bool(args.clip_grad),
-                                       self.loss_scaling, bool(args.use_ema), self.world_size)
-        self.params = self.grad_step.params
+
+    def restart(self, weights: Dict[str, np.ndarray], args, lora_init: Optional[LoraSet] = None) -> None:
+        """Begin a new run on the networks compiled already (compiling takes tens of seconds on a
+        CPU, minutes for full size on Ascend): load `weights` and the LoRA's initial values, empty
+        the optimizer state, EMA, counters and loss scale. Trainable parts, LoRA layout, precision,
+        mode and parallel set-up must be the ones this Trainer was built with; clipping and EMA may
+        differ (the small update graph is rebuilt)."""
+        if setup_key(args, lora_init) != self.compiled_for:
+            raise ValueError("Trainer.restart needs the trainable parts, LoRA layout, precision and mode "
+                             "the Trainer was built with; build a new Trainer instead")
+        rebuild = (bool(args.clip_grad), bool(args.use_ema)) != (bool(self.args.clip_grad), bool(self.args.use_ema))
+        self.args, self.base_weights = args, weights
+        _load_weights(self.net, ldm_to_mindspore(weights, self.arch))
+        for root in (self.net.unet, self.net.text_encoder):
+            for layer in lora_layers(root).values():
+                _set_lora(layer, lora_init)
+        for buffers in (self.grad_step.accum, self.update_step.exp_avg, self.update_step.exp_avg_sq):
+            for b in buffers:
+                b.set_data(Tensor(np.zeros(b.shape, np.float32)))
+        if rebuild:
+            self.update_step = self._update_cell()
+        elif self.args.use_ema:
+            for e, p in zip(self.update_step.ema, self.params):
+                e.set_data(Tensor(p.asnumpy().copy()))
+        self._reset_counters()
 
     # ------------------------------------------------------------------ the step
     def _inputs(self, batch: Dict[str, np.ndarray], sens: float) -> tuple:
@@ -206,10 +265,9 @@ class Trainer:
         prior_w = np.zeros(n, np.float32)
         if n > n_inst:
             prior_w[n_inst:] = 1.0 / (n - n_inst)
-        f32 = lambda k: _tensor(batch[k])          # noqa: E731
-        return (f32("images"), f32("latent_noise"), f32("noise"), f32("coef_a"), f32("coef_b"),
-                Tensor(np.asarray(batch["timesteps"], np.int32)), Tensor(np.asarray(batch["ids"], np.int32)),
-                f32("loss_weights"), _tensor(instance_w), _tensor(prior_w),
+        floats = [_tensor(batch[k]) for k in ("images", "latent_noise", "noise", "coef_a", "coef_b")]
+        ints = [Tensor(np.asarray(batch[k], np.int32)) for k in ("timesteps", "ids")]
+        return (*floats, *ints, _tensor(batch["loss_weights"]), _tensor(instance_w), _tensor(prior_w),
                 _tensor(batch["prior_loss_weight"]), _tensor(sens))
 
     def compute_loss(self, batch: Dict[str, np.ndarray]):
@@ -235,11 +293,13 @@ class Trainer:
         beta1, beta2 = (float(b) for b in a.betas)
         step = self.optimizer_step + 1
         wd = a.weight_decay if a.optim == "adamw" else 0.0
+        # torch's bias corrections in float64 (python floats), folded into the fused kernel's inputs
+        bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
+        fused_lr = lr * bc2_sqrt / bc1
+        decay = lr * wd / fused_lr if fused_lr else 0.0
         ema_decay = a.ema_decay * (1 - np.exp(-(self.ema_updates + 1) / 2000))
-        # the scalars of torch's _single_tensor_adamw, in float64 like torch's python floats
-        coefs = (1 - lr * wd, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1 ** step),
-                 math.sqrt(1 - beta2 ** step), a.adam_epsilon, 1.0 / self.loss_scale, a.max_grad_norm,
-                 ema_decay, 1 - ema_decay)
+        coefs = (fused_lr, beta1, beta2, a.adam_epsilon * bc2_sqrt, decay, 1.0 / self.loss_scale,
+                 a.max_grad_norm, ema_decay, 1 - ema_decay)
         finite, norm = self.update_step(*(_tensor(c) for c in coefs))
         applied = bool(finite.asnumpy())
         stats: Dict[str, float] = {}
@@ -249,7 +309,7 @@ class Trainer:
             self.optimizer_step += 1
             if a.use_ema:
                 self.ema_updates += 1
-        if self.loss_scaling:      # torch.amp.GradScaler.update / MindONE DynamicLossScaleUpdateCell
+        if self.loss_scaling:      # torch.amp.GradScaler.update / MindONE's DynamicLossScaleUpdateCell
             if applied:
                 self.growth_tracker += 1
                 if self.growth_tracker == a.scale_window:
@@ -263,15 +323,15 @@ class Trainer:
         return stats
 
     def gradients(self) -> Dict[str, np.ndarray]:
-        """The gradients accumulated since the last update (scaled by loss_scale / accumulation),
-        by parameter name: what an update would apply, for tests and debugging."""
+        """The gradients accumulated since the last update (times loss_scale / accumulation steps)
+        by parameter name: what the next update would apply, for tests and debugging."""
         return {p.name: acc.asnumpy().copy() for p, acc in zip(self.params, self.grad_step.accum)}
 
     # ------------------------------------------------------------------ outputs
     @contextlib.contextmanager
-    def _swapped(self, use_ema: bool = True):
+    def _swapped(self):
         """Temporarily put the EMA weights (when kept) into the trainable parameters."""
-        if not (use_ema and self.args.use_ema):
+        if not self.args.use_ema:
             yield
             return
         saved = [p.asnumpy().copy() for p in self.params]
@@ -296,28 +356,34 @@ class Trainer:
         return out
 
     def export_lora(self) -> LoraSet:
+        """The trained adapters (EMA values when --use_ema)."""
         with self._swapped():
             return export_lora(self.net.unet, self.net.text_encoder)
 
-    def _state_arrays(self) -> Dict[str, np.ndarray]:
-        out = {}
-        groups = [("trainable", self.params), ("exp_avg", self.update_step.exp_avg),
-                  ("exp_avg_sq", self.update_step.exp_avg_sq)]
+    def _state_groups(self) -> Dict[str, ParameterTuple]:
+        groups = {"trainable": self.params, "exp_avg": self.update_step.exp_avg,
+                  "exp_avg_sq": self.update_step.exp_avg_sq}
         if self.args.use_ema:
-            groups.append(("ema", self.update_step.ema))
-        for group, tensors in groups:
-            for p, t in zip(self.params, tensors):
-                out[f"{group}/{p.name}"] = t.asnumpy()
-        out["optimizer_step"] = np.asarray(self.optimizer_step, np.int64)
-        out["ema_updates"] = np.asarray(self.ema_updates, np.int64)
-        out["loss_scale"] = np.asarray(self.loss_scale, np.float64)
-        out["growth_tracker"] = np.asarray(self.growth_tracker, np.int64)
+            groups["ema"] = self.update_step.ema
+        return groups
+
+    def _state_keys(self) -> set:
+        return ({f"{group}/{p.name}" for group in self._state_groups() for p in self.params}
+                | {"optimizer_step", "ema_updates", "loss_scale", "growth_tracker"})
+
+    def _state_arrays(self) -> Dict[str, np.ndarray]:
+        out = {f"{group}/{p.name}": t.asnumpy() for group, tensors in self._state_groups().items()
+               for p, t in zip(self.params, tensors)}
+        out.update(optimizer_step=np.asarray(self.optimizer_step, np.int64),
+                   ema_updates=np.asarray(self.ema_updates, np.int64),
+                   loss_scale=np.asarray(self.loss_scale, np.float64),
+                   growth_tracker=np.asarray(self.growth_tracker, np.int64))
         return out
 
     def save_state(self, path: str) -> None:
         """Trainable weights, AdamW moments, EMA, loss scale and step counters as one MindSpore
-        checkpoint (written atomically), for an exact resume. Saved between updates, when the
-        gradient buffers are empty."""
+        checkpoint (written atomically), for an exact resume. The train loop saves between
+        updates, when the gradient buffers are empty."""
         checkpoint_io.save_state_dict(path, self._state_arrays(), overwrite=True, format="mindspore")
 
     def load_state(self, path: str) -> None:
@@ -325,18 +391,13 @@ class Trainer:
             state = checkpoint_io.load_state_dict(path)
         except UserError as e:
             raise UserError(f"cannot read training state {path}: {e}") from None
-        expected = self._state_arrays()
-        if set(state) != set(expected):
-            raise UserError(f"training state {path} belongs to a different backend, training mode or model")
-        groups = {"trainable": self.params, "exp_avg": self.update_step.exp_avg,
-                  "exp_avg_sq": self.update_step.exp_avg_sq}
-        if self.args.use_ema:
-            groups["ema"] = self.update_step.ema
-        for group, tensors in groups.items():
+        if set(state) != self._state_keys():
+            raise UserError(f"training state {path} belongs to another backend, training mode or model")
+        for group, tensors in self._state_groups().items():
             for p, t in zip(self.params, tensors):
                 t.set_data(Tensor(np.ascontiguousarray(state[f"{group}/{p.name}"], np.float32)))
         for acc in self.grad_step.accum:
-            acc.set_data(ops.zeros_like(acc))
+            acc.set_data(Tensor(np.zeros(acc.shape, np.float32)))
         self.optimizer_step = int(state["optimizer_step"])
         self.ema_updates = int(state["ema_updates"])
         self.loss_scale = float(state["loss_scale"])
@@ -344,12 +405,53 @@ class Trainer:
 
     @contextlib.contextmanager
     def pipeline(self):
-        """Inference with the networks being trained (validation images)."""
+        """A Pipeline on the networks being trained (validation images), in inference mode while
+        in use."""
         pipe = Pipeline(self.arch, mode=self.args.mode, net=self.net)
         try:
             yield pipe
         finally:
             self.net.set_train(True)
+
+
+def setup_key(args, lora_init: Optional[LoraSet]) -> tuple:
+    """What a Trainer's compiled graphs depend on besides the architecture (and the batch shape,
+    which MindSpore handles by itself): a Trainer can `restart` for any run with the same key."""
+    lora = tuple(sorted((t, p.rank, p.alpha) for t, p in lora_init.items())) if args.use_lora and lora_init else ()
+    return (bool(args.use_lora), bool(args.train_text_encoder) and not args.use_lora, lora,
+            bool(args.lora_fp16), str(args.mixed_precision), int(args.mode), bool(args.use_parallel),
+            bool(args.gradient_checkpointing))
+
+
+def _load_weights(net: nn.Cell, ms_sd: Dict[str, np.ndarray]) -> None:
+    """MindONE-layout weights into a network whose LoRA layers may be injected (their base
+    weights are named `<layer>.linear.*`; adapters are left alone)."""
+    bases = {p.name for root in (net.unet, net.text_encoder) for layer in lora_layers(root).values()
+             for p in layer.linear.get_parameters()}
+    adapters = {p.name for p in lora_parameters(net.unet, net.text_encoder)}
+    for p in net.get_parameters():
+        if p.name in adapters:
+            continue
+        key = p.name.replace(".linear.", ".") if p.name in bases else p.name
+        if key not in ms_sd:
+            raise UserError(f"weights lack {key}")
+        value = np.asarray(ms_sd[key])
+        value = cast_array(value, "fp32") if value.dtype == BF16 else value.astype(np.float32)
+        if tuple(value.shape) != tuple(p.shape):
+            raise UserError(f"weight {key} has shape {value.shape}, the model wants {tuple(p.shape)}")
+        p.set_data(Tensor(value))
+
+
+def _set_lora(layer, lora: LoraSet) -> None:
+    """A LoRADense's adapters from a LoraSet (fused q/k/v parts stacked as inject_lora does)."""
+    rank, o = layer.rank, layer.lora_up.weight.shape[0] // layer.parts
+    downs, ups = [], []
+    for target in layer.targets:
+        pair = lora.get(target) if target else None
+        downs.append(pair.down if pair else np.zeros((rank, layer.lora_down.weight.shape[1]), np.float32))
+        ups.append(pair.up if pair else np.zeros((o, rank), np.float32))
+    layer.lora_down.weight.set_data(Tensor(np.concatenate(downs, 0).astype(np.float32)))
+    layer.lora_up.weight.set_data(Tensor(np.concatenate(ups, 0).astype(np.float32)))
 
 
 def _folded_state(root: nn.Cell) -> Dict[str, np.ndarray]:
@@ -382,8 +484,9 @@ def _init_parallel(use_parallel: bool):
     try:
         init()
     except Exception as e:    # not started by msrun, or no collective backend for this device
-        raise UserError(f"--use_parallel True: MindSpore could not start communication ({e.__class__.__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); launch with msrun") from None
+        raise UserError(f"--use_parallel True: start the run with msrun (e.g. msrun --worker_num 2 "
+                        f"--local_worker_num 2 train_dreambooth.py ...); MindSpore's communication init "
+                        f"failed ({e.__class__.__name__})") from None
     world = get_group_size()
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
