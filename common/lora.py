@@ -28,6 +28,7 @@ UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+MINDSPORE_WEIGHT_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout (common.mindspore_layout)
 
 
 @dataclass
@@ -210,16 +211,18 @@ def components(lora: LoraSet) -> Iterable[str]:
 
 
 def load_lora_file(path: str, arch: ModelArch) -> LoraSet:
-    """A LoRA from a file in any supported format, or from a training checkpoint folder."""
+    """A LoRA from a file in any supported format (diffusers, kohya, PEFT, MindONE's MindSpore
+    .ckpt), or from a training checkpoint folder."""
     import os
 
     from .checkpoint_io import load_state_dict
+    from .mindspore_layout import is_mindspore_lora, lora_from_mindspore
 
     if os.path.isdir(path):
-        for name in (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME):
-            if os.path.isfile(os.path.join(path, name)):
-                path = os.path.join(path, name)
-                break
-        else:
-            raise UserError(f"no {DIFFUSERS_WEIGHT_NAME} or {KOHYA_WEIGHT_NAME} in LoRA folder {path}")
-    return from_state_dict(load_state_dict(path), arch)
+        names = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, MINDSPORE_WEIGHT_NAME)
+        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise UserError(f"no {', '.join(names)} in LoRA folder {path}")
+        path = found[0]
+    sd = load_state_dict(path)
+    return lora_from_mindspore(sd, arch) if is_mindspore_lora(sd) else from_state_dict(sd, arch)

@@ -36,7 +36,7 @@ from .tokenizer import tokenizer_for
 log = logging.getLogger("train")
 
 STATE_NAME = "train_state"
-MINDSPORE_LORA_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout: ascend backend or --save_format mindspore
+lora_fmt.MINDSPORE_WEIGHT_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout: ascend backend or --save_format mindspore
 _CKPT_RE = re.compile(r"^(?:sd|lora)-(\d+)(?:\.safetensors|\.ckpt)?$")
 
 
@@ -140,7 +140,7 @@ def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, st
     checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.KOHYA_WEIGHT_NAME), lora_fmt.to_kohya(lora),
                                   metadata=metadata)
     if mindspore_arch is not None:
-        checkpoint_io.save_mindspore_ckpt(os.path.join(tmp, MINDSPORE_LORA_NAME),
+        checkpoint_io.save_mindspore_ckpt(os.path.join(tmp, lora_fmt.MINDSPORE_WEIGHT_NAME),
                                           lora_to_mindspore(lora, mindspore_arch))
     if os.path.isdir(folder):
         shutil.rmtree(folder)

@@ -106,3 +106,18 @@ def test_lora_for_another_architecture_is_refused(tiny_models):
     bad[key] = bad[key][:, :-1]
     with pytest.raises(UserError, match="shapes"):
         lora_fmt.from_state_dict(bad, load_arch(TINY["v1"]))
+
+
+def test_mindone_lora_file_loads_directly(tmp_path):
+    """text_to_image --lora_ckpt_path also takes MindONE's MindSpore LoRA .ckpt as it is."""
+    from common.checkpoint_io import save_mindspore_ckpt
+    from common.mindspore_layout import lora_to_mindspore
+    arch = load_arch(TINY["v1"])
+    lora = trained_lora(arch)
+    path = str(tmp_path / lora_fmt.MINDSPORE_WEIGHT_NAME)
+    save_mindspore_ckpt(path, lora_to_mindspore(lora, arch))
+    for source in (path, str(tmp_path)):
+        back = lora_fmt.load_lora_file(source, arch)
+        assert set(back) == set(lora)
+        for k in lora:
+            np.testing.assert_allclose(back[k].delta(), lora[k].delta(), rtol=1e-5, atol=1e-6)

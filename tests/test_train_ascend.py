@@ -39,7 +39,8 @@ from common.images import to_uint8  # noqa: E402
 from common.schedule import NoiseSchedule  # noqa: E402
 from common.tokenizer import tokenizer_for  # noqa: E402
 from common.train_args import parse_train_args  # noqa: E402
-from common.train_loop import MINDSPORE_LORA_NAME, make_batch, run_training, step_inputs  # noqa: E402
+from common.lora import MINDSPORE_WEIGHT_NAME as MINDSPORE_LORA_NAME  # noqa: E402
+from common.train_loop import make_batch, run_training, step_inputs  # noqa: E402
 
 torch.set_num_threads(2)
 SIZE = 16
