@@ -365,7 +365,10 @@ def test_msrun_two_workers_equal_one_process(tmp_path, tiny_models, recycler):
            "--output_path", str(tmp_path / "two"), *common]
     proc = subprocess.run([msrun, "--worker_num", "2", "--local_worker_num", "2", "--master_port", str(free_port()),
                            "--log_dir", str(tmp_path / "logs"), "--join", "True", *cli],
-                          cwd=ROOT, capture_output=True, text=True, env=dict(ENV, OMP_NUM_THREADS="1"), timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          # msrun starts workers with the `python` on PATH: make it this interpreter
+                          env=dict(ENV, OMP_NUM_THREADS="1",
+                                   PATH=os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", "")))
     logs = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("worker_*.log")))
     assert proc.returncode == 0, (proc.stdout[-2000:], logs[-4000:])
     assert "batch 1 x 2 process(es)" in logs
