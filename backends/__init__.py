@@ -25,14 +25,24 @@ _PACKAGES = {"cuda": "torch, diffusers and transformers (pip install -e '.[cuda]
              "ascend": "mindspore (pip install -e '.[ascend]')"}
 
 
+def lazy_export(package: str, exports: dict, name: str, frameworks: tuple, backend: str):
+    """Module-level __getattr__ body of a backend package: import the submodule that defines
+    `name` on first use; a missing framework is a one-line UserError naming what to install."""
+    if name not in exports:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{package}.{exports[name]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in frameworks:
+            raise UserError(f"backend {backend} needs {e.name} ({_PACKAGES[backend]}): it is not installed") from None
+        raise
+    return getattr(module, name)
+
+
 def load_backend(name: str):
-    """The backend module for 'cuda' or 'ascend' (MindONE's 'pt'/'ms' accepted)."""
+    """The backend package for 'cuda' or 'ascend' (MindONE's 'pt'/'ms' accepted). Its framework is
+    imported on first use of Pipeline / Trainer."""
     key = BACKEND_ALIASES.get(str(name).lower())
     if key is None:
         raise UserError(f"unknown backend {name!r}; use cuda or ascend")
-    try:
-        return importlib.import_module(_MODULES[key])
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "diffusers", "transformers", "peft", "mindspore", "accelerate"):
-            raise UserError(f"backend {key} needs {_PACKAGES[key]}: {e.name} is not installed") from None
-        raise
+    return importlib.import_module(_MODULES[key])

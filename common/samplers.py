@@ -13,6 +13,7 @@ model inputs) is float32, the dtype the models consume.
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -47,7 +48,7 @@ def _alpha_sigma(sigma: float) -> Tuple[float, float]:
     return alpha, sigma * alpha
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """One sampling run (stateful, like a diffusers scheduler): make a fresh one per image batch.
 
     Steps must be taken in order i = 0, 1, ..., len(timesteps) - 1.
@@ -88,8 +89,9 @@ class Sampler:
         noise = None if noise is None else np.asarray(noise, dtype=np.float64)
         return self._step(out, i, x, noise).astype(np.float32)
 
+    @abc.abstractmethod
     def _step(self, out, i, x, noise):
-        raise NotImplementedError
+        """One step of this sampler's update rule (float64 in, float64 out)."""
 
     def _alpha_prev(self, t: int) -> float:
         # set_alpha_to_one=False: the step past t=0 lands on alphas_cumprod[0], not 1.

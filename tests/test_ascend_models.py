@@ -29,8 +29,8 @@ REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference", "mindone"
 
 @pytest.fixture(scope="module", autouse=True)
 def graph_mode():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    ms.set_device("CPU")
+    from backends.ascend.device import setup
+    setup(mode=0)  # the device is chosen once per process, whichever test file ran MindSpore first
     yield
 
 

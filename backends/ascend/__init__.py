@@ -15,8 +15,6 @@ Modules (imported on first use, so `import backends.ascend` does not load MindSp
 """
 from __future__ import annotations
 
-import importlib
-
 _EXPORTS = {
     "StableDiffusion": "models", "build_models": "models", "load_original": "models",
     "load_mindspore": "models", "parameter_shapes": "models", "optional_names": "models",
@@ -30,14 +28,5 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] == "mindspore":
-            from common.errors import UserError
-            raise UserError("backend ascend needs mindspore (pip install -e '.[ascend]'): "
-                            "mindspore is not installed") from None
-        raise
-    return getattr(module, name)
+    from backends import lazy_export
+    return lazy_export(__name__, _EXPORTS, name, ("mindspore",), "ascend")

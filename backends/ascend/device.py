@@ -20,7 +20,10 @@ def setup(mode: int = 0) -> str:
         target = "Ascend" if ms.hal.is_available("Ascend") else "CPU"
         if target == "CPU":
             log.warning("backend ascend: no Ascend device found, running MindSpore on CPU (fp32)")
-        ms.set_device(target)
+        try:
+            ms.set_device(target)
+        except RuntimeError:  # the runtime already started (e.g. another tool ran MindSpore first)
+            target = ms.get_context("device_target")
         _state["target"] = target
     ms.set_context(mode=ms.GRAPH_MODE if mode == 0 else ms.PYNATIVE_MODE)
     return _state["target"]

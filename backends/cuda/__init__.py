@@ -11,22 +11,12 @@ Submodules are imported on first use, so e.g. the evaluation tools do not pay fo
 """
 from __future__ import annotations
 
-import importlib
-
 _EXPORTS = {"Pipeline": "pipeline", "Trainer": "trainer", "ClipEncoder": "eval_models", "DinoEncoder": "eval_models"}
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "diffusers", "transformers", "peft", "accelerate",
-                                               "open_clip", "timm"):
-            from common.errors import UserError
-            raise UserError(f"backend cuda needs {e.name} (pip install -e '.[cuda]'): it is not installed") from None
-        raise
-    return getattr(module, name)
+    from backends import lazy_export
+    return lazy_export(__name__, _EXPORTS, name,
+                       ("torch", "diffusers", "transformers", "peft", "accelerate", "open_clip", "timm"), "cuda")
