@@ -8,8 +8,10 @@ so both views share one walk of the architecture and work for any config, tiny o
   `in_layers_conv.conv`, `out_layers.0` -> `out_layers_norm`, `out_layers.3` -> `out_layers_conv.conv`;
   every other nn.Conv2d gets an extra `.conv` level (`input_blocks.0.0.conv`, `skip_connection.conv`,
   `op.conv`, upsample `conv.conv`, `out.2.conv`); SpatialTransformer proj_in / proj_out do not.
-- VAE: names unchanged. Older MindONE files name its GroupNorms `gamma`/`beta`: read both, write
-  `weight`/`bias` (what current MindONE uses).
+- VAE: original names, except that its GroupNorms are `gamma`/`beta`: MindONE builds them with
+  `mindspore.nn.GroupNorm`. Files this project wrote before that fix say `weight`/`bias`; both are
+  read, `gamma`/`beta` is written. It matters because MindONE loads non-strictly: a VAE norm
+  under the wrong name is silently left at 1 / 0 and the VAE decodes garbage.
 - Text encoder (SD1 CLIP and SD2 OpenCLIP alike) under `cond_stage_model.transformer.`:
   `embedding_table`, `positional_embedding`, `ln_final.{gamma,beta}` and per block
   `transformer_layer.resblocks.N.{ln_1,ln_2}.{gamma,beta}`, `attn.attn.in_proj`, `attn.attn.out_proj`,
@@ -94,7 +96,7 @@ class MsEntry:
     sources: Tuple[str, ...]     # original names; several: their rows concatenated (SD1 q, k, v)
     part: str                    # "unet" | "vae" | "text_encoder"
     optional: bool = False       # may be absent (not used by SD; see keymap.Entry.optional)
-    alias: str = ""              # also accepted when reading (older MindONE VAE gamma/beta)
+    alias: str = ""              # also accepted when reading (VAE norms as weight/bias)
 
 
 # --------------------------------------------------------------------------- names
@@ -131,14 +133,25 @@ def _text_name(e: Entry, kind: str) -> Tuple[str, int]:
     return MS_TEXT_PREFIX + rel, slot
 
 
+def legacy_vae_norm_name(name: str) -> Optional[str]:
+    """The `weight`/`bias` spelling of a MindSpore VAE GroupNorm name (`...norm1.gamma`), which
+    files written before MindONE's naming was followed use; None for any other name."""
+    module, param = _split(name)
+    if name.startswith(keymap.VAE_PREFIX) and "norm" in module.rpartition(".")[2] \
+            and param in ("gamma", "beta"):
+        return f"{module}.{'weight' if param == 'gamma' else 'bias'}"
+    return None
+
+
 def _ms_name(e: Entry, arch: ModelArch) -> Tuple[str, int, str]:
     """(MindSpore name, slot, alias) of one keymap entry."""
     if e.part == "unet":
         return _unet_name(e), 0, ""
     if e.part == "vae":
         module, param = _split(e.ldm)
-        alias = f"{module}.{_GAMMA_BETA[param]}" if "norm" in _split(e.name)[0].rpartition(".")[2] else ""
-        return e.ldm, 0, alias
+        if "norm" not in _split(e.name)[0].rpartition(".")[2]:
+            return e.ldm, 0, ""
+        return f"{module}.{_GAMMA_BETA[param]}", 0, e.ldm
     name, slot = _text_name(e, arch.text.kind)
     return name, slot, ""
 
@@ -170,14 +183,9 @@ def mindspore_entries(arch: ModelArch, parts: Sequence[str] = PARTS) -> Tuple[Ms
     return _entries(arch, keymap._check_parts(parts))
 
 
-def mindspore_shapes(arch: ModelArch, parts: Sequence[str] = PARTS, *,
-                     vae_norms: str = "weight") -> Dict[str, Shape]:
-    """MindSpore name -> shape for `arch`. `vae_norms="gamma"` spells the VAE GroupNorms as older
-    MindONE files do (ms_names_v1.txt); the default is the current `weight`/`bias`."""
-    if vae_norms not in ("weight", "gamma"):
-        raise UserError(f"vae_norms must be 'weight' or 'gamma', got {vae_norms!r}")
-    return {(e.alias if vae_norms == "gamma" and e.alias else e.ms): e.shape
-            for e in mindspore_entries(arch, parts)}
+def mindspore_shapes(arch: ModelArch, parts: Sequence[str] = PARTS) -> Dict[str, Shape]:
+    """MindSpore name -> shape for `arch`, as this project writes them (MindONE's names)."""
+    return {e.ms: e.shape for e in mindspore_entries(arch, parts)}
 
 
 # --------------------------------------------------------------------------- weights

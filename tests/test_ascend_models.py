@@ -22,7 +22,7 @@ from common import lora as lora_fmt  # noqa: E402
 from common.arch import load_arch  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.init_weights import random_weights  # noqa: E402
-from common.mindspore_layout import mindspore_shapes  # noqa: E402
+from common.mindspore_layout import legacy_vae_norm_name, mindspore_shapes  # noqa: E402
 
 REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference", "mindone")
 
@@ -132,18 +132,13 @@ def _reference_names(filename):
                                           ("v2-inference.yaml", "ms_names_v2.txt")])
 def test_full_size_parameter_names_equal_mindone(config, names):
     """Every parameter of full-size SD1 / SD2 has MindONE's name and shape, none more or less
-    (so mindspore.load_param_into_net takes a MindONE .ckpt as is). The v1 list is an older
-    revision that spells the VAE GroupNorms gamma/beta; current MindONE writes weight/bias."""
+    (so mindspore.load_param_into_net takes a MindONE .ckpt as is), VAE GroupNorms included
+    (gamma / beta, as MindONE's nn.GroupNorm names them)."""
     from backends.ascend.models import build_models, parameter_shapes
 
     if not os.path.isdir(REFERENCE):
         pytest.skip("MindONE reference name lists not found beside the checkout")
-    want = {}
-    for k, shape in _reference_names(names).items():
-        if k.startswith("first_stage_model."):
-            k = k[:-len(".gamma")] + ".weight" if k.endswith(".gamma") else k
-            k = k[:-len(".beta")] + ".bias" if k.endswith(".beta") else k
-        want[k] = shape
+    want = _reference_names(names)
     arch = load_arch(os.path.join(ROOT, "configs", config))
     got = parameter_shapes(build_models(arch))    # zero-initialised: instant at full size
     assert sorted(set(want) - set(got)) == [] and sorted(set(got) - set(want)) == []
@@ -178,14 +173,13 @@ def test_load_rejects_wrong_checkpoints():
     del params["model.diffusion_model.out.0.gamma"]
     with pytest.raises(UserError, match="lacks 1"):
         load_mindspore(net, params)
-    # Older MindONE files: VAE GroupNorms as gamma / beta.
-    legacy = {(k[:-len("weight")] + "gamma" if k.startswith("first_stage_model.") and ".norm" in k
-               and k.endswith(".weight") else k): v for k, v in params.items()}
-    legacy["model.diffusion_model.out.0.gamma"] = np.full((32,), 2, np.float32)
-    assert legacy.keys() != params.keys()
-    load_mindspore(net, legacy)
-    gamma = net.vae.encoder.norm_out.weight.asnumpy()
-    assert np.all(gamma == 1) and np.all(net.unet.out[0].gamma.asnumpy() == 2)
+    # Files written before MindONE's VAE naming was followed: VAE GroupNorms as weight / bias.
+    earlier = {legacy_vae_norm_name(k) or k: v for k, v in params.items()}
+    earlier["model.diffusion_model.out.0.gamma"] = np.full((32,), 2, np.float32)
+    earlier["first_stage_model.encoder.norm_out.weight"] = np.full((32,), 3, np.float32)
+    assert earlier.keys() != params.keys()
+    load_mindspore(net, earlier)
+    assert np.all(net.vae.encoder.norm_out.gamma.asnumpy() == 3) and np.all(net.unet.out[0].gamma.asnumpy() == 2)
 
 
 def test_mindone_ckpt_loads_with_load_param_into_net(tmp_path):

@@ -66,8 +66,7 @@ def test_full_size_names_and_shapes_equal_mindone_lists(version):
     ref = read_ref(f"ms_names_{version}.txt")
     ml._entries.cache_clear()
     tracemalloc.start()
-    # ms_names_v1.txt is an older revision whose VAE GroupNorms are gamma/beta (see its README)
-    ours = ml.mindspore_shapes(arch, vae_norms="gamma" if version == "v1" else "weight")
+    ours = ml.mindspore_shapes(arch)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 8 * 2 ** 20, f"{peak} bytes traced: the name walk must not allocate weights"
@@ -87,16 +86,18 @@ def test_full_size_names_and_shapes_equal_mindone_lists(version):
 
 
 @needs_ref
-def test_v1_vae_norms_are_written_as_weight_bias():
-    arch = load_arch(FULL["v1"])
-    written, older = ml.mindspore_shapes(arch), ml.mindspore_shapes(arch, vae_norms="gamma")
-    renamed = sorted(set(older) - set(written))
-    # the README's 52 VAE GroupNorms: 104 tensors
-    assert len(renamed) == 104 and all(k.startswith("first_stage_model.") for k in renamed)
-    assert {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)) for k in renamed} \
-        == set(written) - set(older)
-    # the same VAE in the newer v2 list is spelled weight/bias, as we write it
-    assert set(written) - set(older) <= set(read_ref("ms_names_v2.txt"))
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_vae_norms_are_written_as_gamma_beta(version):
+    """MindONE builds its VAE norms with mindspore.nn.GroupNorm (gamma / beta); its non-strict
+    loading would silently leave any other spelling at 1 / 0."""
+    arch = load_arch(FULL[version])
+    norms = {k for k in ml.mindspore_shapes(arch) if k.startswith("first_stage_model.")
+             and re.search(r"norm[^.]*\.(gamma|beta)$", k)}
+    assert len(norms) == 104 and norms <= set(read_ref(f"ms_names_{version}.txt"))
+    assert not any(k.startswith("first_stage_model.") and re.search(r"norm[^.]*\.(weight|bias)$", k)
+                   for k in ml.mindspore_shapes(arch))
+    assert {ml.legacy_vae_norm_name(k) for k in norms} == {
+        re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)) for k in norms}
 
 
 def test_rules_on_full_size_examples():
@@ -118,7 +119,9 @@ def test_rules_on_full_size_examples():
         u + "input_blocks.1.1.proj_in.weight": u + "input_blocks.1.1.proj_in.weight",
         u + "input_blocks.1.1.transformer_blocks.0.norm2.bias": u + "input_blocks.1.1.transformer_blocks.0.norm2.beta",
         u + "time_embed.0.weight": u + "time_embed.0.weight",
-        "first_stage_model.decoder.mid.attn_1.norm.weight": "first_stage_model.decoder.mid.attn_1.norm.weight",
+        "first_stage_model.decoder.mid.attn_1.norm.weight": "first_stage_model.decoder.mid.attn_1.norm.gamma",
+        "first_stage_model.encoder.down.0.block.0.norm2.bias": "first_stage_model.encoder.down.0.block.0.norm2.beta",
+        "first_stage_model.encoder.mid.attn_1.q.weight": "first_stage_model.encoder.mid.attn_1.q.weight",
         keymap.CLIP_PREFIX + "embeddings.token_embedding.weight": ml.MS_TEXT_PREFIX + "embedding_table",
         keymap.CLIP_PREFIX + "final_layer_norm.bias": ml.MS_TEXT_PREFIX + "ln_final.beta",
         keymap.CLIP_PREFIX + "encoder.layers.3.mlp.fc2.weight":
@@ -215,18 +218,16 @@ def test_truncated_and_garbage_mindspore_files(tiny, tmp_path):
     assert cio.checkpoint_format(str(good)) == "mindspore"
 
 
-def test_vae_gamma_beta_of_older_files_are_read(tiny):
+def test_vae_weight_bias_of_earlier_files_are_read(tiny):
+    """Files written before the gamma / beta fix (VAE norms as weight / bias) still load."""
     arch, sd = tiny
     ms = ml.ldm_to_mindspore(sd, arch)
-    older = {}
-    for k, v in ms.items():
-        if k.startswith("first_stage_model.") and v.ndim == 1 and re.search(r"norm[^.]*\.(weight|bias)$", k):
-            k = k[: k.rindex(".")] + (".gamma" if k.endswith("weight") else ".beta")
-        older[k] = v
-    assert sum(k.endswith((".gamma", ".beta")) and k.startswith("first_stage") for k in older) > 0
-    assert_same(ml.mindspore_to_ldm(older, arch), sd)
-    name = next(k for k in older if k.startswith("first_stage_model.") and k.endswith(".gamma"))
-    twice = dict(older, **{name[: -len("gamma")] + "weight": older[name]})
+    earlier = {ml.legacy_vae_norm_name(k) or k: v for k, v in ms.items()}
+    assert sum(k.startswith("first_stage") and k.endswith((".gamma", ".beta")) for k in ms) > 0
+    assert not any(k.startswith("first_stage") and k.endswith((".gamma", ".beta")) for k in earlier)
+    assert_same(ml.mindspore_to_ldm(earlier, arch), sd)
+    name = next(k for k in ms if k.startswith("first_stage_model.") and k.endswith(".gamma"))
+    twice = dict(ms, **{ml.legacy_vae_norm_name(name): ms[name]})
     with pytest.raises(UserError, match="twice"):
         ml.mindspore_to_ldm(twice, arch)
 

@@ -11,7 +11,7 @@ a MindONE `.ckpt` as it is. The components also work on their own (names then la
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Set
+from typing import Dict, Iterable, Set
 
 import numpy as np
 from mindspore import Tensor, nn
@@ -19,7 +19,7 @@ from mindspore import Tensor, nn
 from common.arch import ModelArch
 from common.checkpoint_io import BF16, cast_array
 from common.errors import UserError
-from common.mindspore_layout import ldm_to_mindspore, mindspore_entries
+from common.mindspore_layout import ldm_to_mindspore, legacy_vae_norm_name, mindspore_entries
 from .layers import FP32, compute_dtype
 from .text_encoder import TextTransformer
 from .unet import UNetModel
@@ -84,16 +84,6 @@ def parameter_shapes(net: nn.Cell) -> Dict[str, tuple]:
     return {p.name: tuple(p.shape) for p in net.get_parameters()}
 
 
-def _legacy_name(name: str) -> Optional[str]:
-    """Older MindONE checkpoints name the VAE's GroupNorm weight / bias gamma / beta."""
-    if name.startswith(VAE_PREFIX) and "norm" in name.rsplit(".", 2)[-2]:
-        if name.endswith(".weight"):
-            return name[:-len("weight")] + "gamma"
-        if name.endswith(".bias"):
-            return name[:-len("bias")] + "beta"
-    return None
-
-
 def load_mindspore(net: nn.Cell, params: Dict[str, np.ndarray], prefix: str = "",
                    strict: bool = True, optional: Iterable[str] = (), what: str = "checkpoint") -> None:
     """Copy MindONE-layout arrays into `net`'s parameters (cast to the parameter dtype).
@@ -102,14 +92,15 @@ def load_mindspore(net: nn.Cell, params: Dict[str, np.ndarray], prefix: str = ""
     when `net` is a component built on its own (e.g. "model.diffusion_model." for a UNetModel).
     strict: every parameter must be present, and no tensor under `prefix` may be left over except
     the `optional` names (tensors SD does not run, see `optional_names`). Shapes must match
-    exactly. Legacy VAE GroupNorm names (gamma / beta) are accepted; fp16 / bf16 arrays (MindONE
+    exactly. VAE GroupNorms written as weight / bias (before MindONE's gamma / beta was followed)
+    are accepted; fp16 / bf16 arrays (MindONE
     stores its embedding tables in Float16) are cast to the parameter dtype.
     """
     used, missing, bad = set(), [], []
     for p in net.get_parameters():
         key = prefix + p.name
         if key not in params:
-            legacy = _legacy_name(key)
+            legacy = legacy_vae_norm_name(key)
             key = legacy if legacy in params else key
         if key not in params:
             missing.append(prefix + p.name)

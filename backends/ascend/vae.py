@@ -2,8 +2,8 @@
 
 Names and shapes equal the original PyTorch layout, which MindONE keeps for its VAE
 (`encoder.down.0.block.0.norm1.weight`, `encoder.mid.attn_1.q.weight` as a 1x1 conv, ...);
-GroupNorms use `weight` / `bias` like current MindONE checkpoints (older ones say gamma / beta,
-which the checkpoint loader renames).
+its GroupNorms are `mindspore.nn.GroupNorm`s named `gamma` / `beta`, as in MindONE's network
+(files written with `weight` / `bias` are renamed by the checkpoint loader).
 """
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import math
 from mindspore import nn, ops
 
 from common.arch import VAEArch
-from .layers import FP32, Conv2d, GroupNormWB, SiLU, compute_dtype, upsample_nearest2x
+from .layers import FP32, Conv2d, GroupNorm, SiLU, compute_dtype, upsample_nearest2x
 
 
 class ResnetBlock(nn.Cell):
     def __init__(self, cin: int, cout: int, groups: int, dtype=FP32):
         super().__init__()
-        self.norm1 = GroupNormWB(groups, cin)
+        self.norm1 = GroupNorm(groups, cin, eps=1e-6)
         self.conv1 = Conv2d(cin, cout, 3, padding=1, dtype=dtype)
-        self.norm2 = GroupNormWB(groups, cout)
+        self.norm2 = GroupNorm(groups, cout, eps=1e-6)
         self.conv2 = Conv2d(cout, cout, 3, padding=1, dtype=dtype)
         self.silu = SiLU()
         self.has_shortcut = cin != cout
@@ -40,7 +40,7 @@ class AttnBlock(nn.Cell):
 
     def __init__(self, ch: int, groups: int, dtype=FP32):
         super().__init__()
-        self.norm = GroupNormWB(groups, ch)
+        self.norm = GroupNorm(groups, ch, eps=1e-6)
         self.q = Conv2d(ch, ch, 1, dtype=dtype)
         self.k = Conv2d(ch, ch, 1, dtype=dtype)
         self.v = Conv2d(ch, ch, 1, dtype=dtype)
@@ -128,7 +128,7 @@ class Encoder(nn.Cell):
             levels.append(Level(blocks, downsample=Downsample(ch, dtype) if i != n - 1 else None))
         self.down = nn.CellList(levels)
         self.mid = Mid(ch, g, dtype)
-        self.norm_out = GroupNormWB(g, ch)
+        self.norm_out = GroupNorm(g, ch, eps=1e-6)
         self.silu = SiLU()
         self.conv_out = Conv2d(ch, 2 * v.z_channels if v.double_z else v.z_channels, 3, padding=1,
                                dtype=dtype)
@@ -157,7 +157,7 @@ class Decoder(nn.Cell):
                 ch = cout
             levels[i] = Level(blocks, upsample=Upsample(ch, dtype) if i != 0 else None)
         self.up = nn.CellList(levels)
-        self.norm_out = GroupNormWB(g, ch)
+        self.norm_out = GroupNorm(g, ch, eps=1e-6)
         self.silu = SiLU()
         self.conv_out = Conv2d(ch, v.out_ch, 3, padding=1, dtype=dtype)
 
