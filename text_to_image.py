@@ -19,6 +19,13 @@ from common.config import UserArgumentParser, add_bool, backend_name
 log = logging.getLogger("text_to_image")
 GRID_PATTERN = r"^grid-(\d{4})\.png$"
 SAMPLER_FLAGS = {"ddim": "ddim", "plms": "plms", "dpm_solver": "dpm_solver_pp", "uni_pc": "unipc"}
+# MindONE's -v/--version table: version -> (checkpoint it looks for under models/, architecture config)
+VERSIONS = {"2.1": ("sd_v2-1_base-7c8d09ce.ckpt", "configs/v2-inference.yaml"),
+            "2.1-v": ("sd_v2-1_768_v-061732d1.ckpt", "configs/v2-vpred-inference.yaml"),
+            "2.0": ("sd_v2_base-57526ee4.ckpt", "configs/v2-inference.yaml"),
+            "2.0-v": ("sd_v2_768_v-e12e3a9b.ckpt", "configs/v2-vpred-inference.yaml"),
+            "1.5": ("sd_v1.5-d0ab7146.ckpt", "configs/v1-inference.yaml")}
+DEFAULT_CONFIG = "configs/v2-inference.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prompt", default="A cute wolf in winter forest", help="text prompt")
     a("--negative_prompt", default="", help="negative prompt (the unconditional branch of guidance)")
     a("--data_path", default="", help="file with one prompt per line (overrides --prompt)")
+    a("--from-file", dest="from_file", default="", help="the original SD scripts' name for --data_path")
     a("--negative_data_path", default="", help="file with one negative prompt per line, padded with ''")
-    a("--config", default="configs/v2-inference.yaml", help="architecture yaml of the checkpoint")
+    a("--config", default=None,
+      help=f"architecture yaml of the checkpoint (MindONE's own, e.g. configs/train_dreambooth_sd_v2.yaml, "
+           f"work as they are). Default: from -v, else {DEFAULT_CONFIG}")
+    a("--version", "-v", default=None, choices=sorted(VERSIONS),
+      help="MindONE's Stable Diffusion version: picks --config (2.x: v2-inference.yaml, 2.x-v: "
+           "v2-vpred-inference.yaml, 1.5: v1-inference.yaml) and, without --ckpt_path, the "
+           "checkpoint MindONE would use, models/<its file name> (never downloaded)")
     a("--ckpt_path", required=False, default=None,
       help="checkpoint: original-layout .safetensors/.ckpt (civitai, A1111, train_dreambooth.py), "
            "a MindONE MindSpore .ckpt, or a diffusers folder")
@@ -51,16 +65,39 @@ def build_parser() -> argparse.ArgumentParser:
     a("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")
     a("--n_samples", type=int, default=4, help="images per prompt per iteration (batch size)")
     a("--n_iter", type=int, default=2, help="iterations per prompt")
+    a("--n_rows", type=int, default=0,
+      help="images per row of the grid, as in the original SD scripts (0 = --n_samples: one row per batch)")
     a("--seed", type=int, default=42, help="seed of the initial latents and ancestral noise (same image on both backends)")
     add_bool(p, "--fixed_code", default=False, help="reuse one initial latent for every prompt and iteration")
     a("--output_path", default="output", help="images go to <output_path>/samples/, grids to <output_path>/")
     a("--skip_grid", action="store_true", help="do not write the grid image")
     a("--skip_save", action="store_true", help="do not write individual images")
+    a("--add_watermark", action="store_true",
+      help="embed MindONE's / Stable Diffusion's invisible watermark (b'StableDiffusion', DWT-DCT; "
+           "images of at least 256x256 pixels)")
+    a("--check_safety", action="store_true",
+      help="replace images the safety checker flags as NSFW with black images (weights from local files only)")
+    a("--clip_ckpt_path", default=None,
+      help="safety checker CLIP: with --safety_version 2 a CLIP ViT-L/14 (default models/clip_vit_l_14.ckpt, "
+           "MindONE's; also OpenAI/open_clip files or a transformers CLIP folder); with 1 the diffusers/CompVis "
+           "safety checker folder or weight file (default models/safety_checker)")
+    a("--safety_version", type=int, default=2, choices=(1, 2),
+      help="1: diffusers/CompVis concept checker (SD 1.x); 2: LAION's CLIP NSFW detector (MindONE's default)")
+    a("--nsfw_ckpt_path", default=None,
+      help="--safety_version 2 head: LAION's NSFW MLP (default models/l14_nsfw.safetensors, else "
+           "models/l14_nsfw*.ckpt such as MindONE's l14_nsfw-c7c99ae7.ckpt)")
+    add_bool(p, "--support_long_prompts", default=False,
+             help="MindONE's long prompts (more than 77 tokens): not supported yet; prompts are truncated")
+    a("--ti_ckpt_path", default=None, help="MindONE's textual-inversion embedding: not supported yet")
     a("--backend", type=backend_name, default="cuda", help="cuda (PyTorch) or ascend (MindSpore)")
     a("--precision", default="auto", help="auto (fp16 on GPU/Ascend, fp32 on CPU), fp32, fp16 or bf16")
     a("--ms_mode", type=int, default=0, choices=(0, 1), help="ascend backend: 0 GRAPH_MODE, 1 PYNATIVE_MODE")
+    a("--jit_level", default=None, choices=("O0", "O1", "O2"),
+      help="ascend backend on Ascend: MindSpore's graph compilation level (MindONE's flag; default MindSpore's)")
+    add_bool(p, "--use_parallel", default=False,
+             help="accepted for MindONE compatibility: sampling runs on one device (start one process per device "
+                  "with its own --seed/--output_path to sample in parallel)")
     a("--device_target", default=None, help="accepted for MindONE compatibility (the backend picks the device)")
-    a("--version", "-v", default=None, help="accepted for MindONE compatibility; the architecture comes from --config")
     a("--tokenizer_path", default=None, help="CLIP BPE vocabulary; default: the one inside open_clip")
     a("--log_level", default="INFO", help="logging level")
     return p
@@ -82,22 +119,33 @@ def main() -> int:
     args = build_parser().parse_args()
     setup_logging(args.log_level)
     from backends import load_backend
-    from common import lora as lora_fmt
+    from common import lora as lora_fmt, watermark
     from common.arch import load_arch
     from common.checkpoint_io import load_model_weights
     from common.errors import UserError
     from common.generate import SampleSettings, pad_negatives, text_to_image
     from common.images import make_grid, next_index, save_images, save_png
+    from common.safety import check_safety, load_safety_checker
     from common.tokenizer import tokenizer_for
 
+    for flag, value in (("--support_long_prompts", args.support_long_prompts), ("--ti_ckpt_path", args.ti_ckpt_path)):
+        if value:
+            raise UserError(f"{flag} is not supported yet (prompts are cut at 77 tokens; textual inversion comes "
+                            f"with the community-files work)")
+    if not args.ckpt_path and args.version:
+        args.ckpt_path = os.path.join("models", VERSIONS[args.version][0])
+        if not os.path.exists(args.ckpt_path):
+            raise UserError(f"-v {args.version}: {args.ckpt_path} not found (nothing is downloaded); "
+                            f"put the checkpoint there or pass --ckpt_path")
     if not args.ckpt_path:
         raise UserError("--ckpt_path is required (nothing is downloaded; make a tiny model with tools/make_tiny_model.py)")
     for dim in (args.H, args.W):
         if dim is not None and dim % 8:
             raise UserError(f"--H/--W must be multiples of 8, got {dim}")
-    arch = load_arch(args.config)
+    arch = load_arch(args.config or (VERSIONS[args.version][1] if args.version else DEFAULT_CONFIG))
     sampler = args.sampler or next((n for f, n in SAMPLER_FLAGS.items() if getattr(args, f)), "dpm_solver_pp")
-    prompts = read_lines(args.data_path) if args.data_path else [args.prompt]
+    prompt_file = args.data_path or args.from_file
+    prompts = read_lines(prompt_file) if prompt_file else [args.prompt]
     negatives = pad_negatives(prompts, read_lines(args.negative_data_path) if args.negative_data_path else [args.negative_prompt])
     weights = load_model_weights(args.ckpt_path, arch)
     lora = None
@@ -108,8 +156,10 @@ def main() -> int:
         if ignored:
             log.warning("LoRA layers of %s are not applied (enable with --lora_ft_%s True)",
                         ", ".join(sorted(ignored)), "text_encoder" if "text_encoder" in ignored else "unet")
+    if args.check_safety:          # read the checker's files now: a missing one fails before sampling
+        load_safety_checker(args.backend, args.clip_ckpt_path, args.safety_version, args.nsfw_ckpt_path)
     backend = load_backend(args.backend)
-    kwargs = {"mode": args.ms_mode} if args.backend == "ascend" else {}
+    kwargs = {"mode": args.ms_mode, "jit_level": args.jit_level} if args.backend == "ascend" else {}
     pipe = backend.Pipeline(arch, weights, precision=args.precision, lora=lora, lora_scale=args.lora_scale, **kwargs)
     del weights
     settings = SampleSettings(sampler=sampler, steps=args.sampling_steps, eta=args.ddim_eta,
@@ -120,17 +170,27 @@ def main() -> int:
     os.makedirs(samples_dir, exist_ok=True)
     start = next_index(samples_dir)
     all_images, written = [], []
+    marked = 0
     for batch in text_to_image(pipe, arch, tokenizer, prompts, negatives, settings, n_samples=args.n_samples,
                                n_iter=args.n_iter, fixed_code=args.fixed_code):
+        if args.add_watermark:
+            with_mark = [watermark.embed(img) for img in batch]
+            marked += sum(m is not None for m in with_mark)
+            batch = np.stack([img if m is None else m for img, m in zip(batch, with_mark)])
+        if args.check_safety:      # after the watermark, as MindONE does
+            batch, _ = check_safety(batch, args.backend, args.clip_ckpt_path, args.safety_version, args.nsfw_ckpt_path)
         all_images.extend(batch)
         if not args.skip_save:
             written += save_images(batch, samples_dir, start + len(written))
+    if args.add_watermark and marked < len(all_images):
+        log.warning("%d image(s) smaller than 256x256 pixels carry no watermark (too small for it)",
+                    len(all_images) - marked)
     if written:
         print(f"samples: {written[0]} ... {written[-1]} ({len(written)} images)")
     if not args.skip_grid:
         number = next_index(args.output_path, GRID_PATTERN)
         grid = os.path.join(args.output_path, f"grid-{number:04d}.png")
-        save_png(np.asarray(make_grid(all_images, rows=len(prompts) * args.n_iter)), grid)
+        save_png(np.asarray(make_grid(all_images, cols=args.n_rows or args.n_samples)), grid)
         print(f"grid: {grid}")
     return 0
 

@@ -119,7 +119,7 @@ class ModelArch:
 
 
 _SD1_CLIP = dict(width=768, layers=12, heads=12)
-_SD2_OPENCLIP = dict(width=1024, layers=24, heads=16, projection_dim=1024)
+_SD2_OPENCLIP = dict(width=1024, layers=24, heads=16)
 
 
 def resolve_config_path(path: str) -> str:
@@ -176,7 +176,8 @@ def _text_arch(cond: dict, context_dim: int, where: str) -> TextArch:
         context_length=int(p.get("context_length", p.get("max_length", 77))),
         mlp_ratio=int(p.get("mlp_ratio", 4)), hidden_act=str(act),
         eps=float(p.get("epsilon", 1e-5)),
-        projection_dim=int(p.get("embed_dim", base.get("projection_dim", 0))) if openclip else 0)
+        # MindONE's configs omit OpenCLIP's projection (carried, unused): ViT-H's equals its width
+        projection_dim=int(p.get("embed_dim", width)) if openclip else 0)
 
 
 def parse_arch(cfg: dict, where: str = "<dict>") -> ModelArch:

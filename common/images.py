@@ -16,11 +16,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round(x * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def make_grid(images: Sequence[np.ndarray], rows: int = 0) -> Image.Image:
-    """Tile HWC uint8 images into one picture (rows=0: as square as possible)."""
+def make_grid(images: Sequence[np.ndarray], rows: int = 0, cols: int = 0) -> Image.Image:
+    """Tile HWC uint8 images into one picture, row by row: `cols` images per row, or `rows` rows
+    (neither: as square as possible)."""
     n = len(images)
+    if cols:
+        rows = int(math.ceil(n / cols))
     rows = rows or max(1, int(math.floor(math.sqrt(n))))
-    cols = int(math.ceil(n / rows))
+    cols = cols or int(math.ceil(n / rows))
     h, w = images[0].shape[:2]
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, img in enumerate(images):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import mindspore as ms
 
@@ -11,9 +12,15 @@ log = logging.getLogger("backends.ascend")
 _state = {}
 
 
-def setup(mode: int = 0) -> str:
+JIT_LEVELS = ("O0", "O1", "O2")
+
+
+def setup(mode: int = 0, jit_level: Optional[str] = None) -> str:
     """Ascend when present, otherwise CPU with a one-line notice; GRAPH_MODE (0, the default, for
-    speed) or PYNATIVE_MODE (1). Returns the device target."""
+    speed) or PYNATIVE_MODE (1); MindONE's graph compilation level (`jit_level`, Ascend only: the
+    CPU runs MindSpore's default). Returns the device target."""
+    if jit_level is not None and jit_level not in JIT_LEVELS:
+        raise UserError(f"--jit_level must be one of {', '.join(JIT_LEVELS)}, got {jit_level}")
     if mode not in (0, 1):
         raise UserError(f"--mode/--ms_mode must be 0 (GRAPH_MODE) or 1 (PYNATIVE_MODE), got {mode}")
     if "target" not in _state:
@@ -26,6 +33,8 @@ def setup(mode: int = 0) -> str:
             target = ms.get_context("device_target")
         _state["target"] = target
     ms.set_context(mode=ms.GRAPH_MODE if mode == 0 else ms.PYNATIVE_MODE)
+    if jit_level and _state["target"] == "Ascend":
+        ms.set_context(jit_config={"jit_level": jit_level})
     return _state["target"]
 
 

@@ -17,9 +17,9 @@ from .models import build_models, load_original
 class Pipeline:
     def __init__(self, arch: ModelArch, weights: Optional[Dict[str, np.ndarray]] = None, *,
                  precision: str = "auto", lora: Optional[LoraSet] = None, lora_scale: float = 1.0,
-                 mode: int = 0, net=None):
+                 mode: int = 0, jit_level: Optional[str] = None, net=None):
         self.arch = arch
-        self.target = setup(mode)
+        self.target = setup(mode, jit_level)
         self.device_name = self.target
         if net is None:
             net = build_models(arch, compute_dtype(precision, self.target))
