@@ -4,9 +4,10 @@ the `invisible-watermark` package (`WatermarkEncoder().set_watermark("bytes", ..
 `encode(bgr, "dwtDct")`).
 
 The method: the U channel (YUV) of the image, one level of a Haar DWT, and in every 4x4 block of
-the approximation band (raster order, bit i mod 120) the largest-magnitude non-DC coefficient of
-the block's orthonormal DCT is quantised to step 36 with an offset of 1/4 step for a 0 bit and
-3/4 step for a 1 bit. Decoding averages each bit's votes over the image.
+the approximation band (raster order, bit i mod 120) the largest-magnitude coefficient other than
+the block's first is quantised to step 36 with an offset of 1/4 step for a 0 bit and 3/4 step for
+a 1 bit (despite the method's name, the package's dwtDct does not transform the block). Decoding
+averages each bit's votes over the image.
 
 Written in numpy so that both backends and an install without OpenCV / PyWavelets / torch have
 it; a mark made here is read by `invisible-watermark`'s own decoder from the saved PNG
@@ -23,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 MESSAGE = b"StableDiffusion"
-STEP = 36.0                  # quantisation step of the DCT coefficient (the package's U scale)
+STEP = 36.0                  # quantisation step (the package's scale for U)
 BLOCK = 4
 MIN_PIXELS = 256 * 256       # the package refuses smaller images; MindONE then leaves them as they are
 
@@ -34,32 +35,20 @@ _U = 0.492 * (np.array([0.0, 0.0, 1.0]) - _Y)
 _DU = np.array([0.0, -_Y[2] / _Y[1], 1.0]) / 0.492
 
 
-def _dct_matrix(n: int) -> np.ndarray:
-    """Orthonormal DCT-II matrix (what cv2.dct computes on a float block)."""
-    k, x = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    c = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
-    c[0] /= np.sqrt(2.0)
-    return c
-
-
-_C = _dct_matrix(BLOCK)
-
-
 def _bits(message: bytes) -> np.ndarray:
     return np.unpackbits(np.frombuffer(message, np.uint8)).astype(np.float64)
 
 
 def _blocks(rgb: np.ndarray):
-    """(DCT of the 4x4 blocks of the U channel's Haar approximation [rb, cb, 4, 4], index of
-    each block's largest non-DC coefficient [rb, cb])."""
+    """(the 4x4 blocks of the U channel's Haar approximation [rb, cb, 4, 4], index of each
+    block's largest coefficient after the first [rb, cb])."""
     h, w = rgb.shape[0] // 8 * 8, rgb.shape[1] // 8 * 8
     u = rgb[:h, :w].astype(np.float64) @ _U + 128.0
     ca = (u[0::2, 0::2] + u[0::2, 1::2] + u[1::2, 0::2] + u[1::2, 1::2]) / 2.0   # Haar approximation
     rb, cb = ca.shape[0] // BLOCK, ca.shape[1] // BLOCK
-    blocks = ca.reshape(rb, BLOCK, cb, BLOCK).transpose(0, 2, 1, 3)
-    dct = _C @ blocks @ _C.T
-    pos = np.abs(dct.reshape(rb, cb, -1)[..., 1:]).argmax(-1) + 1
-    return dct, pos
+    blocks = ca[:rb * BLOCK, :cb * BLOCK].reshape(rb, BLOCK, cb, BLOCK).transpose(0, 2, 1, 3)
+    pos = np.abs(blocks.reshape(rb, cb, -1)[..., 1:]).argmax(-1) + 1
+    return blocks, pos
 
 
 def embed(rgb: np.ndarray, message: bytes = MESSAGE) -> Optional[np.ndarray]:
@@ -67,16 +56,15 @@ def embed(rgb: np.ndarray, message: bytes = MESSAGE) -> Optional[np.ndarray]:
     pixels (too small to carry the mark)."""
     if rgb.shape[0] * rgb.shape[1] < MIN_PIXELS:
         return None
-    dct, pos = _blocks(rgb)
+    blocks, pos = _blocks(rgb)
     rb, cb = pos.shape
     bits = _bits(message)
     bit = bits[np.arange(rb * cb) % len(bits)].reshape(rb, cb)
-    flat = dct.reshape(rb, cb, -1).copy()
+    flat = blocks.reshape(rb, cb, -1).copy()
     val = np.take_along_axis(flat, pos[..., None], -1)[..., 0]
     new = np.where(val >= 0, 1.0, -1.0) * (np.abs(val) // STEP + 0.25 + 0.5 * bit) * STEP
     np.put_along_axis(flat, pos[..., None], new[..., None], -1)
-    delta = _C.T @ (flat.reshape(dct.shape) - dct) @ _C           # change of the approximation
-    delta = delta.transpose(0, 2, 1, 3).reshape(rb * BLOCK, cb * BLOCK)
+    delta = (flat.reshape(blocks.shape) - blocks).transpose(0, 2, 1, 3).reshape(rb * BLOCK, cb * BLOCK)
     # inverse Haar of an approximation change: each pixel of its 2x2 block moves by half of it
     du = np.kron(delta / 2.0, np.ones((2, 2)))
     out = rgb.astype(np.float64)
@@ -86,8 +74,8 @@ def embed(rgb: np.ndarray, message: bytes = MESSAGE) -> Optional[np.ndarray]:
 
 def extract(rgb: np.ndarray, length: int = len(MESSAGE)) -> bytes:
     """The `length`-byte message read from a uint8 RGB image (the decoder's majority vote)."""
-    dct, pos = _blocks(rgb)
-    val = np.abs(np.take_along_axis(dct.reshape(*pos.shape, -1), pos[..., None], -1)[..., 0]).ravel()
+    blocks, pos = _blocks(rgb)
+    val = np.abs(np.take_along_axis(blocks.reshape(*pos.shape, -1), pos[..., None], -1)[..., 0]).ravel()
     votes = (val % STEP > 0.5 * STEP).astype(np.float64)
     n = length * 8
     score = np.bincount(np.arange(votes.size) % n, votes, minlength=n) / np.bincount(

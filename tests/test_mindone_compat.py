@@ -106,14 +106,18 @@ def test_add_watermark_marks_every_saved_image(tmp_path, tiny_models):
 
 
 def test_watermark_round_trip_and_small_images():
+    """The mark survives the PNG and is read back; invisible-watermark's own decoder reads it too
+    (checked by hand: it needs OpenCV and torch, which CI does not install for this)."""
+    from conftest import SUBJECT
+
     rng = np.random.default_rng(0)
-    x = np.linspace(0, 1, 256)
-    img = np.stack([np.outer(x, x) * 200 + 30, np.outer(1 - x, x) * 180 + 40, np.outer(x, 1 - x) * 150 + 50], -1)
-    img = (img + rng.normal(0, 8, img.shape)).clip(0, 255).astype(np.uint8)
+    img = Image.open(os.path.join(SUBJECT, sorted(f for f in os.listdir(SUBJECT) if f.endswith(".png"))[0]))
+    img = np.asarray(img.convert("RGB").resize((512, 512), Image.BICUBIC)).astype(float)
+    img = (img + rng.normal(0, 3, img.shape)).clip(0, 255).astype(np.uint8)     # a little texture
     marked = watermark.embed(img)
     assert watermark.extract(marked) == b"StableDiffusion" and watermark.extract(img) != b"StableDiffusion"
     change = np.abs(marked.astype(int) - img)
-    assert change.mean() < 2 and change[..., 0].max() == 0      # invisible; R untouched (U channel only)
+    assert change.mean() < 1 and change[..., 0].max() == 0      # invisible; R untouched (U channel only)
     assert watermark.embed(img[:128, :128]) is None            # too small to carry the mark
 
 

@@ -8,6 +8,9 @@ MindONE's interface works as before, e.g. a civitai model for Ascend:
         --target models/toonyou_beta3.ckpt --model sdv1 --source_version pt
 
 and back (`--source_version ms`), or to a diffusers folder (`--model diffusersv2`, `--to diffusers`).
+MindSpore files get exactly MindONE's parameter names (VAE GroupNorms as gamma/beta); `--to ms` on a
+MindSpore file written by an earlier version of this project (VAE norms as weight/bias) rewrites it
+with MindONE's names.
 
 Sources, recognised from their content (a .ckpt may be a torch pickle or a MindSpore file):
   original single-file models (.safetensors, .ckpt/.pt/.bin torch pickles, loaded safely),
