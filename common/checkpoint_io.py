@@ -7,7 +7,7 @@ single files are recognised by their first bytes, not their extension: safetenso
 MindSpore checkpoint with 0x0a (protobuf field 1, length-delimited).
 
 Memory: safetensors and MindSpore files are memory-mapped copy-on-write and every tensor is a view
-into the map (zip torch files likewise through `torch.load(mmap=True)`), and writers stream one
+into the map (torch pickles likewise, zip and legacy alike), and writers stream one
 tensor at a time straight from those views. Converting a 2 GB file therefore needs about 2 GB of
 (file-backed, evictable) memory, not two or three times that. Casts (`dtype=`) happen per tensor.
 
@@ -21,9 +21,10 @@ bfloat16: numpy has no such type. By default bf16 tensors are widened to float32
 `keep_bf16=True` they stay 2 bytes wide as arrays of the structured dtype `BF16` (the raw bits
 under the field "bf16"), which writers store as bf16 again; `cast_array` converts.
 
-PyTorch pickles are read only with `torch.load(weights_only=True)`, so a file that would run code is
-refused, never executed; torch is imported lazily, only for those files. Writes go to a temporary
-file next to the target, are fsynced and renamed over it; an existing target needs `overwrite`.
+PyTorch pickles are read without torch by `common.torch_pickle`, whose unpickler builds nothing but
+tensors and plain data, so a file that would run code is refused, never executed; only writing
+them needs torch. Writes go to a temporary file next to the target, are fsynced and renamed over
+it; an existing target needs `overwrite`.
 """
 from __future__ import annotations
 
@@ -31,8 +32,6 @@ import contextlib
 import json
 import mmap
 import os
-import pickle
-import re
 import shutil
 import struct
 import tempfile
@@ -73,7 +72,9 @@ def is_float(x) -> bool:
 
 
 def _bf16_to_f32(x: np.ndarray) -> np.ndarray:
-    return (x.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    y = x.view("<u2").astype(np.uint32)
+    np.left_shift(y, np.uint32(16), out=y)     # in place: `<<` on a 0-d array gives an unviewable scalar
+    return y.view(np.float32)
 
 
 def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -216,49 +217,32 @@ def _load_safetensors(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
 
 
 def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
+    """A PyTorch pickle (zip or legacy) read by common.torch_pickle, never by torch: no torch
+    needed (Ascend installs), no code from the file run, storages memory-mapped. Measured against
+    torch.load(weights_only=True, mmap=True) on a 519 MB fp16 file of 1231 tensors: zip 0.05 s vs
+    0.1 s with torch already imported (same peak RSS), 0.2 s / 115 MB peak RSS vs 2 s / 786 MB in a
+    fresh process (importing torch); legacy 0.04 s vs 0.5 s and +460 MB (torch reads it in).
+
+    The one place a pickle's object becomes a state dict: {"state_dict": ...} wrappers are
+    unwrapped (repeatedly), entries that are not named tensors (epoch, global_step, ...) dropped."""
+    from .torch_pickle import UnsafePickleError, load_torch_file
     try:
-        import torch
-    except ImportError:
-        raise UserError(f"{path}: reading a PyTorch pickle needs torch; convert the file to "
-                        f".safetensors on a machine that has it") from None
-    with open(path, "rb") as f:
-        zipped = f.read(2) == b"PK"     # only zip files can be memory-mapped
-    try:
-        with warnings.catch_warnings():         # e.g. "pickle protocol 4": our error says more
-            warnings.simplefilter("ignore")
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-            except RuntimeError:
-                if not zipped:
-                    raise
-                # a zip torch cannot map (e.g. written by an old torch): read it into memory
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any global outside torch's tensor allow-list (os.system, custom
-        # classes, ...). A truncated legacy pickle can end up here too, hence the hedge.
-        found = re.search(r"GLOBAL ([\w.]+)|Unsupported operand \d+", str(e))
-        detail = f" ({found.group(0)})" if found else ""
+        obj = load_torch_file(path)
+    except UnsafePickleError as e:
         raise UserError(f"{path}: refused: the pickle tries to run code or build objects other "
-                        f"than tensors{detail} (or it is corrupt); only plain tensor checkpoints "
-                        f"are loaded") from None
-    except Exception as e:
+                        f"than tensors ({e}); only plain tensor checkpoints are loaded") from None
+    except Exception as e:      # EOFError, UnpicklingError, BadZipFile, ValueError, ...
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
                         f"{_first_line(e)}") from None
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    out = {}
-    for key, value in obj.items():
-        if isinstance(key, str) and isinstance(value, torch.Tensor):
-            t = value.detach().cpu()
-            if t.dtype == torch.bfloat16:
-                if keep_bf16:
-                    out[key] = t.contiguous().view(torch.int16).numpy().view(BF16)
-                    continue
-                t = t.float()                      # numpy has no bfloat16; the widening is exact
-            out[key] = t.contiguous().numpy()
-    return out
+    # bf16 arrives as BF16 bits; widening to float32 is exact (torch's .float() gives the same).
+    # Flattened first: in _bf16_to_f32, `<<` on a 0-d array gives a numpy scalar that cannot .view
+    widen = lambda x: _bf16_to_f32(x.reshape(-1)).reshape(x.shape)
+    return {key: x if keep_bf16 or x.dtype != BF16 else widen(x)
+            for key, x in obj.items() if isinstance(key, str) and isinstance(x, np.ndarray)}
 
 
 # MindSpore protobuf: wire types 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32.

@@ -1,11 +1,16 @@
-"""LoRA on the PyTorch backend: PEFT adapters for training, merged weights for inference."""
+"""LoRA on the PyTorch backend: PEFT adapters for training, merged weights for inference.
+
+Adapters are injected with peft's own `inject_adapter_in_model` on the UNet and the text encoder
+alike, not through diffusers' / transformers' `add_adapter` integrations: those gate on their own
+idea of the peft version (transformers 5 refuses every peft the registry had when this was
+written), while peft's API has been stable since 0.6."""
 from __future__ import annotations
 
 from typing import Dict
 
 import numpy as np
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 
 from common.lora import TEXT_TARGETS, UNET_TARGETS, LoraPair, LoraSet
 from common.errors import UserError
@@ -38,13 +43,12 @@ def merge_lora(unet, text_encoder, lora: LoraSet, scale: float) -> None:
 
 def add_adapters(unet, text_encoder, lora: LoraSet, rank: int, alpha: float) -> None:
     """Attach trainable PEFT adapters and set them to the given (seeded) initial values."""
-    if any(t.startswith("unet:") for t in lora):
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(UNET_TARGETS),
-                                    init_lora_weights="gaussian"))
-    if any(t.startswith("text_encoder:") for t in lora):
-        text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TEXT_TARGETS),
-                                            init_lora_weights="gaussian"))
     roots = _roots(unet, text_encoder)
+    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+        if any(t.startswith(component + ":") for t in lora):
+            # initial values are set below from the shared seeded streams, so peft's own init is moot
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                               init_lora_weights="gaussian"), roots[component])
     with torch.no_grad():
         for target, pair in lora.items():
             component, path = target.split(":", 1)
