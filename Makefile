@@ -2,13 +2,16 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK := requirements/dev.lock
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-latest lock bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The development set (both frameworks, for the parity tests) exactly as the lock pins it; the
+# scripts run from this checkout, so the project itself needs no install here.
+$(VENV)/.installed: $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -r $(LOCK)
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,8 +22,21 @@ demo: install  ## tiny model + sample subject: DreamBooth training, then text_to
 test: install  ## the whole test suite (both backends)
 	$(PY) -m pytest -q tests
 
+# Move the locks forward on purpose: the newest versions the registry serves, the whole suite
+# against them, and only then new requirements/*.lock (review and commit the diff).
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install --upgrade -e ".[dev]"
+	.venv-latest/bin/python -m pytest -q tests
+	.venv-latest/bin/python tools/lock.py
+
+lock: install  ## rewrite the locks from the installed development set
+	$(PY) tools/lock.py
+
 bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf demo_output .pytest_cache
+	rm -rf demo_output .pytest_cache .venv-latest

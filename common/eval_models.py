@@ -275,6 +275,33 @@ def clip_arch_from_dict(cfg: Mapping, name: str, source: str) -> ClipArch:
                     f"or transformers' projection_dim/vision_config/text_config)")
 
 
+def _vit(embed: int, image: int, layers: int, width: int, patch: int, text_width: int, text_heads: int,
+         text_layers: int, head_width: int = 64) -> dict:
+    vision = dict(image_size=image, layers=layers, width=width, patch_size=patch)
+    if head_width != 64:
+        vision["head_width"] = head_width
+    return dict(embed_dim=embed, vision_cfg=vision, text_cfg=dict(
+        context_length=77, vocab_size=49408, width=text_width, heads=text_heads, layers=text_layers))
+
+
+# The CLIP ViTs SD evaluation uses, as open_clip's model_configs describe them (tested equal), for
+# installs without open_clip (Ascend: open_clip needs torch). "-quickgelu" variants add quick_gelu.
+BUILTIN_CLIP_CONFIGS = {
+    "ViT-B-32": _vit(512, 224, 12, 768, 32, 512, 8, 12),
+    "ViT-B-16": _vit(512, 224, 12, 768, 16, 512, 8, 12),
+    "ViT-L-14": _vit(768, 224, 24, 1024, 14, 768, 12, 12),
+    "ViT-L-14-336": _vit(768, 336, 24, 1024, 14, 768, 12, 12),
+    "ViT-H-14": _vit(1024, 224, 32, 1280, 14, 1024, 16, 24, head_width=80),
+}
+
+
+def _builtin_clip_config(name: str) -> Optional[dict]:
+    base = name[:-len("-quickgelu")] if name.endswith("-quickgelu") else name
+    if base not in BUILTIN_CLIP_CONFIGS:
+        return None
+    return dict(BUILTIN_CLIP_CONFIGS[base], **({"quick_gelu": True} if base != name else {}))
+
+
 def clip_arch(model_name: Optional[str] = None, config: Optional[str] = None) -> ClipArch:
     """The CLIP architecture named by `config` (a file; wins) or `model_name` (default ViT-B-16)."""
     if config:
@@ -284,8 +311,12 @@ def clip_arch(model_name: Optional[str] = None, config: Optional[str] = None) ->
     resolved = CLIP_ALIASES.get(name, CLIP_ALIASES.get(name.lower(), name)).replace("/", "-")
     folder = open_clip_config_dir()
     if folder is None:
-        raise UserError(f"cannot look up CLIP architecture {name!r}: open_clip's model configs are not "
-                        f"installed (pip install open_clip_torch), or pass --config FILE")
+        cfg = _builtin_clip_config(resolved)
+        if cfg is None:
+            raise UserError(f"cannot look up CLIP architecture {name!r}: open_clip's model configs are not "
+                            f"installed; use one of {', '.join(BUILTIN_CLIP_CONFIGS)} (or a '-quickgelu' "
+                            f"variant), or pass --config FILE")
+        return _clip_from_open_clip(cfg, resolved, f"open_clip config {resolved}", builtin=True)
     path = os.path.join(folder, resolved + ".json")
     if not os.path.isfile(path):
         known = [n for n in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "ViT-g-14",

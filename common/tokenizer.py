@@ -1,9 +1,13 @@
 """CLIP byte-level BPE tokenizer, framework-neutral and offline.
 
 Both SD 1.x (HF CLIPTokenizer) and SD 2.x (OpenCLIP) use the same OpenAI CLIP vocabulary,
-`bpe_simple_vocab_16e6.txt.gz`; they differ only in the pad id. We read that file from the installed
-`open_clip` package (located without importing it: `import open_clip` pulls in torch/torchvision)
-or from a path the user gives (MindONE's `--tokenizer_path`).
+`bpe_simple_vocab_16e6.txt.gz`; they differ only in the pad id. The vocabulary comes from, in order:
+a path the user gives (`--tokenizer_path`, e.g. MindONE's copy), the installed `open_clip` package
+(located without importing it: `import open_clip` pulls in torch), a MindONE checkout's copy in the
+working directory, or else the `instant-clip-tokenizer` package (numpy only, the vocabulary built
+in; the Ascend install's source), which then does the BPE of each pre-tokenized word. Text
+cleaning, pre-tokenization, truncation and padding are ours in every case, and both sources give
+the same ids (tested).
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ except ImportError:  # pragma: no cover - ftfy is installed in our environments
     ftfy = None
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+# where MindONE's Stable Diffusion example keeps its copy, relative to its folder
+MINDONE_VOCAB = os.path.join("ldm", "models", "clip", VOCAB_FILENAME)
 SOT_TEXT, EOT_TEXT = "<|startoftext|>", "<|endoftext|>"
 # Line 0 of the vocab file is a header; the next 49152 - 256 - 2 lines are the merges CLIP uses
 # (256 byte tokens + 256 "</w>" tokens + merges + 2 specials = 49408 ids).
@@ -56,25 +62,28 @@ def bytes_to_unicode() -> Dict[int, str]:
 
 
 def default_vocab_path() -> Optional[str]:
-    """Path of the vocab file shipped in the installed open_clip package, or None."""
+    """Path of the vocab file in the installed open_clip package or a MindONE checkout in the
+    working directory, or None."""
     try:
         spec = importlib.util.find_spec("open_clip")
     except (ImportError, ValueError):
-        return None
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = os.path.join(folder, VOCAB_FILENAME)
+        spec = None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for candidate in [os.path.join(f, VOCAB_FILENAME) for f in folders] + [MINDONE_VOCAB]:
         if os.path.isfile(candidate):
             return candidate
     return None
 
 
-def resolve_vocab_path(vocab_path: Optional[str] = None) -> str:
-    """An explicit path (the .gz file, or a folder holding it), else open_clip's copy."""
+def resolve_vocab_path(vocab_path: Optional[str] = None) -> Optional[str]:
+    """An explicit path (the .gz file, or a folder holding it), else a copy found on this machine,
+    else None when instant-clip-tokenizer can stand in."""
     if vocab_path is None:
         found = default_vocab_path()
-        if found is None:
-            raise UserError(f"CLIP vocabulary {VOCAB_FILENAME} not found: install open_clip_torch "
-                            f"or pass --tokenizer_path /path/to/{VOCAB_FILENAME}")
+        if found is None and importlib.util.find_spec("instant_clip_tokenizer") is None:
+            raise UserError(f"CLIP vocabulary {VOCAB_FILENAME} not found: pip install "
+                            f"instant-clip-tokenizer (or open_clip_torch), or pass --tokenizer_path "
+                            f"/path/to/{VOCAB_FILENAME}")
         return found
     path = os.path.expanduser(vocab_path)
     if os.path.isdir(path):
@@ -109,6 +118,7 @@ class _Vocab:
         self.ranks: Dict[Tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
         self.sot = self.encoder[SOT_TEXT]
         self.eot = self.encoder[EOT_TEXT]
+        self.size = len(self.encoder)
         # Bounded so a long-running process fed arbitrary prompts cannot grow without limit.
         self.bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe)
 
@@ -134,13 +144,26 @@ class _Vocab:
         return tuple(self.encoder[s] for s in symbols)
 
 
-_VOCABS: Dict[str, _Vocab] = {}
+class _BuiltinVocab:
+    """The vocabulary built into instant-clip-tokenizer, behind `_Vocab`'s interface."""
+
+    def __init__(self):
+        import instant_clip_tokenizer
+
+        self._tokenizer = instant_clip_tokenizer.Tokenizer()
+        self.sot, self.eot = self._tokenizer.start_of_text(), self._tokenizer.end_of_text()
+        self.encoder = {SOT_TEXT: self.sot, EOT_TEXT: self.eot}
+        self.size = self.eot + 1
+        self.bpe = functools.lru_cache(maxsize=1 << 16)(lambda word: tuple(self._tokenizer.encode(word)))
 
 
-def _load_vocab(path: str) -> _Vocab:
-    key = os.path.realpath(path)
+_VOCABS: Dict[str, object] = {}
+
+
+def _load_vocab(path: Optional[str]):
+    key = os.path.realpath(path) if path else "<instant-clip-tokenizer>"
     if key not in _VOCABS:
-        _VOCABS[key] = _Vocab(path)
+        _VOCABS[key] = _Vocab(path) if path else _BuiltinVocab()
     return _VOCABS[key]
 
 
@@ -166,7 +189,7 @@ class CLIPTokenizer:
         self.pad_token = pad_token
         self.sot_token = self._vocab.sot
         self.eot_token = self._vocab.eot
-        self.vocab_size = len(self._vocab.encoder)
+        self.vocab_size = self._vocab.size
 
     def encode(self, text: str) -> List[int]:
         """BPE ids of `text` without SOT/EOT and without truncation."""

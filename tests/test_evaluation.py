@@ -380,3 +380,24 @@ def test_dreambooth_report_command(tmp_path, models, gen_dir):
     assert "![prompt 1](grids/prompt_000.png)" in report and (out / "grids" / "prompt_000.png").is_file()
     assert Image.open(out / "grids" / "real_images.png").size == (3 * 128, 2 * 128)     # 5 thumbnails
     assert_one_line_error(run("eval_dreambooth.py", *args), "already exists")          # no silent overwrite
+
+
+def test_builtin_clip_configs_equal_open_clips(monkeypatch):
+    """Without open_clip (an Ascend install) the standard ViTs are known from built-in configs,
+    which must be open_clip's own."""
+    import json
+
+    from common import eval_models as em
+
+    folder = em.open_clip_config_dir()
+    if folder is None:
+        pytest.skip("open_clip not installed")
+    names = [n + q for n in em.BUILTIN_CLIP_CONFIGS for q in ("", "-quickgelu")]
+    with_open_clip = {n: em.clip_arch(n) for n in names + ["clip_vit_l_14"]}
+    for name in em.BUILTIN_CLIP_CONFIGS:
+        with open(os.path.join(folder, name + ".json")) as f:
+            assert json.load(f) == em.BUILTIN_CLIP_CONFIGS[name]
+    monkeypatch.setattr(em, "open_clip_config_dir", lambda: None)
+    assert {n: em.clip_arch(n) for n in with_open_clip} == with_open_clip
+    with pytest.raises(UserError, match="ViT-g-14.*--config"):
+        em.clip_arch("ViT-g-14")

@@ -199,9 +199,24 @@ def test_missing_vocab_errors(tmp_path, monkeypatch):
         CLIPTokenizer(vocab_path=str(tmp_path))  # a folder without the file
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert tokmod.default_vocab_path() is None
-    with pytest.raises(UserError, match="install open_clip_torch or pass --tokenizer_path") as err:
+    with pytest.raises(UserError, match="pip install instant-clip-tokenizer .*--tokenizer_path") as err:
         CLIPTokenizer()
     assert "\n" not in str(err.value)
+
+
+@needs_vocab
+@pytest.mark.parametrize("pad", [49407, 0])
+def test_builtin_vocabulary_gives_the_same_ids(monkeypatch, pad):
+    """Without a vocab file (an Ascend install: no open_clip), instant-clip-tokenizer's built-in
+    vocabulary does the BPE; every prompt gets the ids the file gives."""
+    prompts = PROMPTS + OPENCLIP_ONLY_PROMPTS + ["A <|startoftext|> and 1234567 and x" * 3]
+    want = CLIPTokenizer(pad_token=pad)(prompts)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else find_spec(name, *a))
+    assert tokmod.default_vocab_path() is None
+    builtin = CLIPTokenizer(pad_token=pad)
+    assert isinstance(builtin._vocab, tokmod._BuiltinVocab) and builtin.vocab_size == 49408
+    np.testing.assert_array_equal(builtin(prompts), want)
 
 
 def test_bad_vocab_file_errors(tmp_path):
