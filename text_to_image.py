@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from common.cli import run_cli, setup_logging
-from common.config import UserArgumentParser, add_bool, backend_name
+from common.cli import check_output_dir, run_cli, setup_logging
+from common.config import UserArgumentParser, add_bool, backend_name, count, non_negative, ranged
 
 log = logging.getLogger("text_to_image")
 GRID_PATTERN = r"^grid-(\d{4})\.png$"
@@ -53,19 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora_ckpt_path", default=None, help="LoRA file (diffusers, kohya or PEFT format) or a training LoRA folder")
     add_bool(p, "--lora_ft_unet", default=True, help="apply the LoRA's UNet layers")
     add_bool(p, "--lora_ft_text_encoder", default=False, help="apply the LoRA's text-encoder layers")
-    a("--lora_scale", type=float, default=1.0, help="multiplier of the LoRA update (0 = off)")
-    a("--lora_rank", type=int, default=None, help="accepted for MindONE compatibility; the rank is read from the file")
+    a("--lora_scale", type=non_negative, default=1.0, help="multiplier of the LoRA update (0 = off)")
+    a("--lora_rank", type=ranged(int, low=1, optional=True), default=None, help="accepted for MindONE compatibility; the rank is read from the file")
     a("--sampler", default=None, choices=SAMPLERS, help="sampler (default dpm_solver_pp, as MindONE)")
     for flag, name in SAMPLER_FLAGS.items():
         a(f"--{flag}", action="store_true", help=f"MindONE spelling of --sampler {name}")
-    a("--sampling_steps", type=int, default=20, help="sampler steps (50 recommended for ddim/plms, 20 for dpm_solver_pp/unipc)")
-    a("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    a("--scale", type=float, default=None, help="classifier-free guidance scale (default 9.0 for SD2, 7.5 for SD1)")
-    a("--H", type=int, default=None, help="image height in pixels (default: the model's native size)")
-    a("--W", type=int, default=None, help="image width in pixels (default: the model's native size)")
-    a("--n_samples", type=int, default=4, help="images per prompt per iteration (batch size)")
-    a("--n_iter", type=int, default=2, help="iterations per prompt")
-    a("--n_rows", type=int, default=0,
+    a("--sampling_steps", type=count, default=20, help="sampler steps (50 recommended for ddim/plms, 20 for dpm_solver_pp/unipc)")
+    a("--ddim_eta", type=non_negative, default=0.0, help="DDIM eta (0 = deterministic)")
+    a("--scale", type=ranged(float, low=0, optional=True), default=None, help="classifier-free guidance scale (default 9.0 for SD2, 7.5 for SD1)")
+    a("--H", type=ranged(int, low=1, optional=True), default=None, help="image height in pixels (default: the model's native size)")
+    a("--W", type=ranged(int, low=1, optional=True), default=None, help="image width in pixels (default: the model's native size)")
+    a("--n_samples", type=count, default=4, help="images per prompt per iteration (batch size)")
+    a("--n_iter", type=count, default=2, help="iterations per prompt")
+    a("--n_rows", type=ranged(int, low=0), default=0,
       help="images per row of the grid, as in the original SD scripts (0 = --n_samples: one row per batch)")
     a("--seed", type=int, default=42, help="seed of the initial latents and ancestral noise (same image on both backends)")
     add_bool(p, "--fixed_code", default=False, help="reuse one initial latent for every prompt and iteration")
@@ -132,6 +132,10 @@ def main() -> int:
         if value:
             raise UserError(f"{flag} is not supported yet (prompts are cut at 77 tokens; textual inversion comes "
                             f"with the community-files work)")
+    if args.use_lora and not args.lora_ckpt_path:
+        raise UserError("--use_lora True needs --lora_ckpt_path (the LoRA file or training LoRA folder)")
+    if args.lora_ckpt_path and not args.use_lora:
+        raise UserError("--lora_ckpt_path is given but --use_lora is False: add --use_lora True to apply it")
     if not args.ckpt_path and args.version:
         args.ckpt_path = os.path.join("models", VERSIONS[args.version][0])
         if not os.path.exists(args.ckpt_path):
@@ -139,17 +143,18 @@ def main() -> int:
                             f"put the checkpoint there or pass --ckpt_path")
     if not args.ckpt_path:
         raise UserError("--ckpt_path is required (nothing is downloaded; make a tiny model with tools/make_tiny_model.py)")
-    for dim in (args.H, args.W):
-        if dim is not None and dim % 8:
-            raise UserError(f"--H/--W must be multiples of 8, got {dim}")
     arch = load_arch(args.config or (VERSIONS[args.version][1] if args.version else DEFAULT_CONFIG))
+    for flag, dim in (("--H", args.H), ("--W", args.W)):
+        if dim is not None:
+            arch.check_image_size(dim, flag)
     sampler = args.sampler or next((n for f, n in SAMPLER_FLAGS.items() if getattr(args, f)), "dpm_solver_pp")
     prompt_file = args.data_path or args.from_file
     prompts = read_lines(prompt_file) if prompt_file else [args.prompt]
     negatives = pad_negatives(prompts, read_lines(args.negative_data_path) if args.negative_data_path else [args.negative_prompt])
-    weights = load_model_weights(args.ckpt_path, arch)
+    check_output_dir(args.output_path, "--output_path")
+    tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
     lora = None
-    if args.use_lora and args.lora_ckpt_path:
+    if args.use_lora:              # the LoRA file is small: read it first, so a wrong one fails early
         full = lora_fmt.load_lora_file(args.lora_ckpt_path, arch)
         lora = lora_fmt.select(full, args.lora_ft_unet, args.lora_ft_text_encoder)
         ignored = set(lora_fmt.components(full)) - set(lora_fmt.components(lora))
@@ -158,6 +163,7 @@ def main() -> int:
                         ", ".join(sorted(ignored)), "text_encoder" if "text_encoder" in ignored else "unet")
     if args.check_safety:          # read the checker's files now: a missing one fails before sampling
         load_safety_checker(args.backend, args.clip_ckpt_path, args.safety_version, args.nsfw_ckpt_path)
+    weights = load_model_weights(args.ckpt_path, arch)
     backend = load_backend(args.backend)
     kwargs = {"mode": args.ms_mode, "jit_level": args.jit_level} if args.backend == "ascend" else {}
     pipe = backend.Pipeline(arch, weights, precision=args.precision, lora=lora, lora_scale=args.lora_scale, **kwargs)
@@ -165,7 +171,6 @@ def main() -> int:
     settings = SampleSettings(sampler=sampler, steps=args.sampling_steps, eta=args.ddim_eta,
                               scale=args.scale if args.scale is not None else (9.0 if arch.version == "sd2" else 7.5),
                               height=args.H or arch.image_size, width=args.W or arch.image_size, seed=args.seed)
-    tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
     samples_dir = os.path.join(args.output_path, "samples")
     os.makedirs(samples_dir, exist_ok=True)
     start = next_index(samples_dir)

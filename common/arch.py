@@ -117,6 +117,19 @@ class ModelArch:
         """Native pixel resolution (latent size times the VAE's downsampling)."""
         return self.latent_size * self.vae.downsample_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling times the UNet's (each
+        UNet level halves the latent and the skip connections must line up again)."""
+        return self.vae.downsample_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
+    def check_image_size(self, pixels: int, flag: str) -> None:
+        """One line naming the flag when `pixels` is not a positive multiple of size_multiple."""
+        if pixels < 1 or pixels % self.size_multiple:
+            raise UserError(f"{flag} {pixels}: image sides must be positive multiples of "
+                            f"{self.size_multiple} for {os.path.basename(self.path)} (e.g. "
+                            f"{max(self.size_multiple, pixels // self.size_multiple * self.size_multiple)})")
+
 
 _SD1_CLIP = dict(width=768, layers=12, heads=12)
 _SD2_OPENCLIP = dict(width=1024, layers=24, heads=16)

@@ -186,6 +186,18 @@ def _safetensors_header(path: str) -> tuple:
         return json.loads(f.read(n)), 8 + n
 
 
+def safetensors_metadata(path: str) -> Dict[str, str]:
+    """The `__metadata__` strings of a .safetensors file ({} for other formats or none)."""
+    if not os.path.isfile(path) or sniff_format(path) != "safetensors":
+        return {}
+    try:
+        header, _ = _safetensors_header(path)
+    except (ValueError, OSError):
+        return {}                  # reading the tensors reports what is wrong with the file
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def _load_safetensors(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
     try:
         header, start = _safetensors_header(path)

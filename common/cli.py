@@ -17,6 +17,36 @@ def setup_logging(level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def check_output_dir(path: str, flag: str) -> None:
+    """An output folder must be creatable and writable: one line naming the path and the problem
+    (a file in the way, a file as a parent, no permission, a read-only file system), before any
+    model loads. Nothing is created or changed here."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):            # the deepest part that exists decides
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == path else f"cannot be created: {probe} is a file"
+        raise UserError(f"{flag} {path} {what}; choose a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {probe} is not writable (permissions)")
+    try:
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:
+            raise UserError(f"{flag} {path}: {probe} is on a read-only file system")
+    except (AttributeError, OSError):           # no statvfs (Windows): the access check stands
+        pass
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file to be written: not a folder, and its folder creatable and writable."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {os.path.abspath(path)} is a folder; give a file name")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run `main`; a UserError becomes `error: ...` on stderr and exit code 2, without a traceback;
     Ctrl-C exits 130 (checkpoints are written atomically, so nothing half-written is left)."""

@@ -61,6 +61,39 @@ def optional_float(value: Any) -> Optional[float]:
     return float(value)
 
 
+def _number(kind, value: Any):
+    try:
+        return optional_int(value) if kind is int else float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {value!r}") from None
+
+
+def ranged(kind=int, *, low: float = None, high: float = None, low_open: bool = False,
+           high_open: bool = False, optional: bool = False):
+    """An argparse / yaml type: an int or float within [low, high] (either end open or absent),
+    so a bad value is one line naming the flag before any work starts. `optional` accepts
+    None / null as "not set"."""
+    def convert(value: Any):
+        if optional and (value is None or str(value).strip().lower() in ("none", "null", "")):
+            return None
+        number = _number(kind, value)
+        if number is None or number != number:             # None from optional_int, or NaN
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}")
+        if low is not None and (number < low or (low_open and number == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {value}")
+        if high is not None and (number > high or (high_open and number == high)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high:g}, got {value}")
+        return number
+    convert.__name__ = kind.__name__                         # argparse names the type in its messages
+    return convert
+
+
+count = ranged(int, low=1)                                  # steps, sizes, intervals: at least 1
+positive = ranged(float, low=0, low_open=True)              # learning rates, eps, norms
+non_negative = ranged(float, low=0)                         # weight decay, noise strengths, weights
+
+
 class UserArgumentParser(argparse.ArgumentParser):
     """argparse that reports errors as one line and exit code 2, like every user error here."""
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .config import (UserArgumentParser, add_bool, backend_name, optional_float, optional_int,
-                     parse_with_config)
+from .config import (UserArgumentParser, add_bool, backend_name, count, non_negative, positive,
+                     ranged, parse_with_config)
 from .errors import UserError
 
 TRAIN_DESCRIPTION = """\
@@ -54,77 +54,77 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--instance_prompt", default=None, help="prompt naming the subject, e.g. 'a photo of sks dog'")
     g.add_argument("--class_data_dir", default=None, help="folder of class images (generated for the shortfall)")
     g.add_argument("--class_prompt", default=None, help="prompt of the subject's class, e.g. 'a photo of a dog'")
-    g.add_argument("--num_class_images", type=int, default=200, help="class images wanted in class_data_dir")
-    g.add_argument("--train_data_repeats", type=int, default=40, help="instance images are repeated this many times per epoch")
+    g.add_argument("--num_class_images", type=ranged(int, low=0), default=200, help="class images wanted in class_data_dir")
+    g.add_argument("--train_data_repeats", type=count, default=40, help="instance images are repeated this many times per epoch")
     add_bool(g, "--random_crop", default=False, help="random crop (and flip, see --random_flip) instead of center crop")
     add_bool(g, "--random_flip", default=None,
              help="horizontal flip with p=0.5; default follows --random_crop as in MindONE")
     add_bool(g, "--center_crop", default=None, help="diffusers spelling: True means --random_crop False")
-    g.add_argument("--image_size", "--resolution", type=int, default=512, help="training resolution in pixels")
+    g.add_argument("--image_size", "--resolution", type=count, default=512, help="training resolution in pixels")
     g.add_argument("--tokenizer_path", default=None,
                    help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); default: the one inside open_clip")
 
     g = p.add_argument_group("method")
     add_bool(g, "--with_prior_preservation", default=True,
              help="DreamBooth class-prior preservation; False = vanilla fine-tuning on the instance images")
-    g.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class (prior) loss")
+    g.add_argument("--prior_loss_weight", type=non_negative, default=1.0, help="weight of the class (prior) loss")
     add_bool(g, "--train_text_encoder", default=True, help="also fine-tune the text encoder (full, or LoRA with --lora_ft_text_encoder)")
     add_bool(g, "--use_lora", default=False, help="train LoRA adapters instead of the full weights")
     add_bool(g, "--lora_ft_unet", default=True, help="LoRA on UNet attention to_q/to_k/to_v/to_out.0")
     add_bool(g, "--lora_ft_text_encoder", default=False, help="LoRA on text-encoder q/k/v/out projections (needs --train_text_encoder)")
-    g.add_argument("--lora_rank", "--rank", type=int, default=4, help="LoRA rank")
-    g.add_argument("--lora_alpha", type=optional_float, default=None,
+    g.add_argument("--lora_rank", "--rank", type=count, default=4, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=ranged(float, low=0, low_open=True, optional=True), default=None,
                    help="LoRA alpha (scale = alpha/rank); default = rank, i.e. scale 1 as in MindONE and diffusers")
     add_bool(g, "--lora_fp16", default=True, help="ascend backend: LoRA layers compute in fp16 under mixed precision")
-    g.add_argument("--offset_noise", type=float, default=0.0,
+    g.add_argument("--offset_noise", type=non_negative, default=0.0,
                    help="offset-noise strength (diffusers uses 0.1); 0 = off")
-    g.add_argument("--snr_gamma", type=optional_float, default=None,
+    g.add_argument("--snr_gamma", type=ranged(float, low=0, low_open=True, optional=True), default=None,
                    help="Min-SNR-gamma loss weighting (5.0 recommended); applied to instance and class halves alike")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=2, help="instance images per step per device (as many class images ride along)")
-    g.add_argument("--epochs", "--num_train_epochs", type=int, default=8, help="epochs over the repeated instance images")
-    g.add_argument("--max_train_steps", type=optional_int, default=None, help="total optimizer steps; overrides --epochs")
-    g.add_argument("--start_learning_rate", "--learning_rate", type=float, default=5e-6, help="learning rate (constant after warmup)")
-    g.add_argument("--end_learning_rate", type=optional_float, default=None, help="must not exceed start_learning_rate; with --decay_steps, linear decay to it")
-    g.add_argument("--decay_steps", type=int, default=0, help="steps of linear decay after warmup (0 = constant)")
-    g.add_argument("--warmup_steps", "--lr_warmup_steps", type=int, default=0,
+    g.add_argument("--train_batch_size", type=count, default=2, help="instance images per step per device (as many class images ride along)")
+    g.add_argument("--epochs", "--num_train_epochs", type=count, default=8, help="epochs over the repeated instance images")
+    g.add_argument("--max_train_steps", type=ranged(int, low=1, optional=True), default=None, help="total optimizer steps; overrides --epochs")
+    g.add_argument("--start_learning_rate", "--learning_rate", type=positive, default=5e-6, help="learning rate (constant after warmup)")
+    g.add_argument("--end_learning_rate", type=ranged(float, low=0, optional=True), default=None, help="must not exceed start_learning_rate; with --decay_steps, linear decay to it")
+    g.add_argument("--decay_steps", type=ranged(int, low=0), default=0, help="steps of linear decay after warmup (0 = constant)")
+    g.add_argument("--warmup_steps", "--lr_warmup_steps", type=ranged(int, low=0), default=0,
                    help="linear warmup steps (MindONE parses 200 but ignores it; 0 reproduces its constant LR)")
     g.add_argument("--optim", default="adamw", choices=("adamw", "adam"), help="optimizer (torch.optim.AdamW arithmetic on both backends)")
-    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="Adam betas")
-    g.add_argument("--weight_decay", "--adam_weight_decay", type=float, default=1e-2, help="decoupled weight decay")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="Adam epsilon")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--betas", type=ranged(float, low=0, high=1, high_open=True), nargs=2, default=[0.9, 0.999], help="Adam betas")
+    g.add_argument("--weight_decay", "--adam_weight_decay", type=non_negative, default=1e-2, help="decoupled weight decay")
+    g.add_argument("--adam_epsilon", type=positive, default=1e-8, help="Adam epsilon")
+    g.add_argument("--gradient_accumulation_steps", type=count, default=1, help="micro-batches per optimizer step")
     add_bool(g, "--clip_grad", default=False, help="clip the global gradient norm to --max_grad_norm")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm limit when --clip_grad")
+    g.add_argument("--max_grad_norm", type=positive, default=1.0, help="gradient-norm limit when --clip_grad")
     g.add_argument("--mixed_precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
                    help="auto = fp16 with loss scaling on GPU/Ascend, fp32 on CPU")
-    g.add_argument("--init_loss_scale", type=float, default=512, help="initial dynamic loss scale (fp16)")
-    g.add_argument("--loss_scale_factor", type=float, default=2, help="loss-scale growth/backoff factor")
-    g.add_argument("--scale_window", type=int, default=200, help="overflow-free steps before the loss scale grows")
+    g.add_argument("--init_loss_scale", type=positive, default=512, help="initial dynamic loss scale (fp16)")
+    g.add_argument("--loss_scale_factor", type=ranged(float, low=1, low_open=True), default=2, help="loss-scale growth/backoff factor")
+    g.add_argument("--scale_window", type=count, default=200, help="overflow-free steps before the loss scale grows")
     add_bool(g, "--gradient_checkpointing", default=False, help="recompute activations in backward to save memory")
     add_bool(g, "--use_ema", default=False, help="keep an EMA of the trained weights; checkpoints hold the EMA weights")
-    g.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warmed up as 1 - exp(-updates/2000) like MindONE)")
+    g.add_argument("--ema_decay", type=ranged(float, low=0, high=1), default=0.9999, help="EMA decay (warmed up as 1 - exp(-updates/2000) like MindONE)")
 
     g = p.add_argument_group("outputs")
-    g.add_argument("--ckpt_save_interval", type=int, default=1, help="save every N epochs")
-    g.add_argument("--ckpt_save_steps", "--checkpointing_steps", type=optional_int, default=None,
+    g.add_argument("--ckpt_save_interval", type=count, default=1, help="save every N epochs")
+    g.add_argument("--ckpt_save_steps", "--checkpointing_steps", type=ranged(int, low=1, optional=True), default=None,
                    help="save every N optimizer steps instead of every ckpt_save_interval epochs")
-    g.add_argument("--ckpt_max_keep", "--checkpoints_total_limit", type=int, default=10,
+    g.add_argument("--ckpt_max_keep", "--checkpoints_total_limit", type=count, default=10,
                    help="keep the last k checkpoints (MindONE keeps 10)")
     g.add_argument("--save_format", default="safetensors", choices=("safetensors", "ckpt", "mindspore"),
                    help="full checkpoints as original-layout .safetensors, torch .ckpt, or (mindspore) "
                         "a MindONE-layout MindSpore .ckpt")
     g.add_argument("--validation_prompts", "--validation_prompt", nargs="*", default=None,
                    help="prompts sampled with a fixed seed every --validation_steps steps")
-    g.add_argument("--validation_steps", type=int, default=100, help="steps between validation images")
-    g.add_argument("--callback_size", type=int, default=1, help="log the loss every N steps")
+    g.add_argument("--validation_steps", type=count, default=100, help="steps between validation images")
+    g.add_argument("--callback_size", type=count, default=1, help="log the loss every N steps")
 
     g = p.add_argument_group("class images (prior preservation)")
-    g.add_argument("--sample_batch_size", type=int, default=4, help="batch size of class-image generation")
-    g.add_argument("--sampling_steps", type=int, default=50, help="sampler steps for class and validation images")
+    g.add_argument("--sample_batch_size", type=count, default=4, help="batch size of class-image generation")
+    g.add_argument("--sampling_steps", type=count, default=50, help="sampler steps for class and validation images")
     g.add_argument("--sampler", default="ddim", help="sampler for class and validation images")
-    g.add_argument("--scale", type=float, default=9.0, help="classifier-free guidance scale for class and validation images")
+    g.add_argument("--scale", type=non_negative, default=9.0, help="classifier-free guidance scale for class and validation images")
     return p
 
 
@@ -159,12 +159,6 @@ def validate_train_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError("--use_lora True needs --lora_ft_unet True and/or --lora_ft_text_encoder True")
         if args.lora_alpha is None:
             args.lora_alpha = float(args.lora_rank)
-    for key in ("train_batch_size", "gradient_accumulation_steps", "lora_rank", "image_size",
-                "train_data_repeats", "sample_batch_size", "ckpt_max_keep", "validation_steps"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key} must be at least 1")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise UserError("--max_train_steps must be at least 1")
     if args.resume is not None and str(args.resume).lower() in ("true", "latest"):
         args.resume = "latest"
     elif args.resume is not None and str(args.resume).lower() in ("false", "none", ""):

@@ -23,7 +23,8 @@ from . import checkpoint_io, lora as lora_fmt
 from .arch import ModelArch, load_arch
 from .class_images import ensure_class_images
 from .config import dump_args
-from .data import DreamBoothDataset, list_images
+from .cli import check_output_dir
+from .data import DreamBoothDataset, count_images, list_images
 from .errors import UserError
 from .generate import SampleSettings, text_to_image
 from .images import make_grid, save_png
@@ -162,6 +163,10 @@ def load_base_weights(args, arch: ModelArch) -> Dict[str, np.ndarray]:
 
 def run_training(args, backend) -> Dict[str, object]:
     arch = load_arch(args.model_config)
+    arch.check_image_size(args.image_size, "--image_size")
+    check_output_dir(args.output_path, "--output_path")
+    if args.with_prior_preservation and count_images(args.class_data_dir) < args.num_class_images:
+        check_output_dir(args.class_data_dir, "--class_data_dir")      # class images will be written
     folder = RunFolder(args.output_path)
     folder.prepare(resume=args.resume is not None, overwrite=args.overwrite)
     tokenizer = tokenizer_for(arch.text, args.tokenizer_path)

@@ -10,7 +10,8 @@ import textwrap
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _path  # noqa: F401,E402  (repository root on sys.path)
 
-from common.config import UserArgumentParser, add_bool, backend_name  # noqa: E402
+from common.config import UserArgumentParser, add_bool, backend_name, count  # noqa: E402
+from common.cli import check_output_file  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.evaluation import DEFINITIONS, PREPROCESS_HELP  # noqa: E402
 
@@ -49,7 +50,7 @@ def add_common_flags(p: argparse.ArgumentParser, result_default: bool) -> None:
     g.add_argument("--backend", type=backend_name, default="cuda",
                    help="cuda (PyTorch: open_clip / transformers / timm) or ascend (MindSpore Cells); "
                         "MindONE's pt / ms work too (default: cuda)")
-    g.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
+    g.add_argument("--batch_size", type=count, default=32, help="images per forward pass (default: 32)")
     add_bool(g, "--save_result", default=result_default, help="write the scores to --result_path as JSON")
     g.add_argument("--result_path", default="results.json",
                    help="JSON file for the scores and per-image values (default: results.json; replaced)")
@@ -63,8 +64,8 @@ def setup(args) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("PIL", "urllib3", "filelock", "httpx", "root", "timm", "open_clip"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if getattr(args, "save_result", False):
+        check_output_file(args.result_path, "--result_path")
 
 
 def clip_tokenizer(source, vocab_path):

@@ -18,7 +18,7 @@ Writes <output_path>/results.json, <output_path>/report.md and <output_path>/gri
 from __future__ import annotations
 
 import _eval_args as ea
-from common.cli import run_cli
+from common.cli import check_output_dir, run_cli
 from common.config import add_bool
 from common.eval_models import DEFAULT_DINO, load_clip_source, load_dino_source
 from common.evaluation import (DEFINITIONS, PREPROCESS_HELP, check_images, describe_encoder, evaluate_dreambooth,
@@ -58,6 +58,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ea.setup(args)
+    check_output_dir(args.output_path, "--output_path")
     groups = prompt_groups(args.gen_image_path_or_dir, args.prompt_or_path)
     real = list_eval_images(args.real_image_path_or_dir, "real")
     check_images([p for _, paths in groups for p in paths] + real)

@@ -1,0 +1,112 @@
+"""Bad values and bad places are one `error:` line before any work starts, on every entry point."""
+import os
+
+import pytest
+
+from conftest import ROOT, SUBJECT, TINY
+from test_cli import assert_one_line_error, run, sample, train
+from common.cli import check_output_dir, check_output_file
+from common.errors import UserError
+
+BACKENDS = ["cuda", "ascend"]
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--start_learning_rate", "0", "must be > 0"), ("--learning_rate", "-1e-4", "must be > 0"),
+    ("--weight_decay", "-0.1", "must be >= 0"), ("--train_batch_size", "0", "must be >= 1"),
+    ("--epochs", "0", "must be >= 1"), ("--max_train_steps", "0", "must be >= 1"),
+    ("--gradient_accumulation_steps", "0", "must be >= 1"), ("--ckpt_save_steps", "0", "must be >= 1"),
+    ("--adam_epsilon", "0", "must be > 0"), ("--lora_rank", "0", "must be >= 1"),
+    ("--prior_loss_weight", "nan", "expected a number"), ("--image_size", "abc", "expected an integer"),
+])
+def test_train_numeric_ranges(tmp_path, tiny_models, flag, value, needle):
+    proc = train(tmp_path / "run", tiny_models["v1"], TINY["v1"], "--with_prior_preservation", "False",
+                 f"{flag}={value}", check=False)          # '=': argparse takes '-1e-4' for a flag otherwise
+    assert_one_line_error(proc, flag, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_betas_in_yaml_are_checked(tmp_path, tiny_models):
+    config = tmp_path / "train.yaml"
+    config.write_text("betas: [0.9, 1.0]\n")
+    proc = train(tmp_path / "run", tiny_models["v1"], TINY["v1"], "--train_config", str(config), check=False)
+    assert_one_line_error(proc, "betas", "must be < 1")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_size_must_fit_the_model(tmp_path, tiny_models, backend):
+    proc = train(tmp_path / "run", tiny_models["v1"], TINY["v1"], "--with_prior_preservation", "False",
+                 "--backend", backend, "--image_size", "60", check=False)
+    assert_one_line_error(proc, "--image_size 60", "multiples of 8")
+    assert not (tmp_path / "run").exists()
+    proc = sample(tmp_path / "t2i", tiny_models["v1"], TINY["v1"], "--backend", backend, "--H", "36", check=False)
+    assert_one_line_error(proc, "--H 36", "multiples of 8")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--n_samples", "0"), "--n_samples"), (("--n_iter", "0"), "--n_iter"), (("--sampling_steps", "0"), "--sampling_steps"),
+    (("--use_lora", "True"), "--use_lora True needs --lora_ckpt_path"),
+    (("--lora_ckpt_path", "x.safetensors"), "--use_lora is False"),
+])
+def test_text_to_image_values_and_combinations(tmp_path, tiny_models, args, needle):
+    proc = sample(tmp_path / "t2i", tiny_models["v1"], TINY["v1"], *args, check=False)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "t2i").exists()
+
+
+def test_lora_for_another_base_model(tmp_path, tiny_models):
+    from common import lora as lora_fmt
+    from common.arch import load_arch
+    from common.checkpoint_io import save_state_dict
+
+    arch = load_arch(TINY["v1"])
+    kohya = lora_fmt.to_kohya(lora_fmt.init_lora(arch, 2, 2.0, 0, unet=True, text_encoder=False))
+    path = tmp_path / "lora.safetensors"
+    save_state_dict(str(path), kohya, metadata={"ss_v2": "True", "ss_network_module": "networks.lora"})
+    proc = sample(tmp_path / "t2i", tiny_models["v1"], TINY["v1"], "--use_lora", "True", "--lora_ckpt_path",
+                  str(path), check=False)
+    assert_one_line_error(proc, "SD 2.x", "SD 1.x")
+    save_state_dict(str(path), kohya, metadata={"ss_base_model_version": "sd_v1"}, overwrite=True)
+    sample(tmp_path / "ok", tiny_models["v1"], TINY["v1"], "--use_lora", "True", "--lora_ckpt_path", str(path),
+           "--n_samples", "1", "--H", "32", "--W", "32")
+    import numpy as np
+    key = next(k for k in kohya if k.endswith("lora_up.weight"))
+    save_state_dict(str(path), dict(kohya, **{key: np.zeros((7, 2), np.float32)}), overwrite=True)
+    proc = sample(tmp_path / "t2i", tiny_models["v1"], TINY["v1"], "--use_lora", "True", "--lora_ckpt_path",
+                  str(path), check=False)
+    assert_one_line_error(proc, "do not fit this model")
+
+
+def test_output_locations(tmp_path, tiny_models):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for out, needle in ((a_file, "is a file"), (a_file / "sub", "is a file")):
+        proc = train(out, tiny_models["v1"], TINY["v1"], "--with_prior_preservation", "False", check=False)
+        assert_one_line_error(proc, "--output_path", needle)
+        proc = sample(out, tiny_models["v1"], TINY["v1"], check=False)
+        assert_one_line_error(proc, "--output_path", needle)
+    proc = train(tmp_path / "run", tiny_models["v1"], TINY["v1"], "--class_data_dir", str(a_file / "cls"),
+                 "--class_prompt", "a robot", check=False)
+    assert_one_line_error(proc, "--class_data_dir", "is a file")
+    proc = run("tools/eval/eval_clip_i_score.py", "--ckpt_path", "x", "--gen_image_path_or_dir", SUBJECT,
+               "--real_image_path_or_dir", SUBJECT, "--save_result", "True", "--result_path", str(a_file / "r.json"),
+               check=False)
+    assert_one_line_error(proc, "--result_path", "is a file")
+    assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_output_checks_for_permissions_and_read_only(tmp_path, monkeypatch):
+    check_output_dir(str(tmp_path / "new" / "deeper"), "--output_path")      # creatable: fine, nothing made
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError, match="is a folder"):
+        check_output_file(str(tmp_path), "--result_path")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match="not writable"):
+        check_output_dir(str(tmp_path / "x"), "--output_path")
+    monkeypatch.undo()
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
+    with pytest.raises(UserError, match="read-only file system"):
+        check_output_dir(str(tmp_path / "x"), "--output_path")
