@@ -39,6 +39,7 @@ log = logging.getLogger("train")
 STATE_NAME = "train_state"
 lora_fmt.MINDSPORE_WEIGHT_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout: ascend backend or --save_format mindspore
 _CKPT_RE = re.compile(r"^(?:sd|lora)-(\d+)(?:\.safetensors|\.ckpt)?$")
+_STATE_RE = re.compile(rf"^{STATE_NAME}(?:-\d+)?\.pt$")
 
 
 def learning_rate(args, step: int) -> float:
@@ -111,22 +112,85 @@ class RunFolder:
         found = [(int(m.group(1)), f) for f in os.listdir(self.ckpt) if (m := _CKPT_RE.match(f))]
         return [os.path.join(self.ckpt, f) for _, f in sorted(found)]
 
+    def committed(self) -> Optional[dict]:
+        """The last complete save (train_state.json, written last), or None."""
+        if not os.path.isfile(self.state_meta):
+            return None
+        try:
+            with open(self.state_meta) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            raise UserError(f"{self.state_meta} is unreadable; pass --overwrite True to start over") from None
+
+    def state_files(self) -> List[str]:
+        if not os.path.isdir(self.ckpt):
+            return []
+        return [os.path.join(self.ckpt, f) for f in os.listdir(self.ckpt) if _STATE_RE.match(f)]
+
     def prepare(self, resume: bool, overwrite: bool) -> None:
-        has_run = bool(self.checkpoints()) or os.path.exists(self.state_meta)
+        has_run = os.path.exists(self.state_meta)        # a committed save: checkpoints alone are leftovers
         if has_run and not resume:
             if not overwrite:
                 raise UserError(f"{self.root} already holds a training run; pass --resume to continue it "
                                 f"or --overwrite True to start over")
-            for path in self.checkpoints():
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            for path in (self.state, self.state_meta, self.loss_log):
+            for path in self.checkpoints() + self.state_files():
+                _remove(path)
+            for path in (self.state_meta, self.loss_log):
                 if os.path.exists(path):
                     os.remove(path)
         os.makedirs(self.ckpt, exist_ok=True)
+        self.clean_interrupted()
+
+    def clean_interrupted(self) -> None:
+        """Remove what an interrupted save left: temporary files, and checkpoints or training
+        states newer than (or beside) the last committed save."""
+        meta = self.committed()
+        for name in os.listdir(self.ckpt):
+            if name.endswith(".tmp"):
+                _remove(os.path.join(self.ckpt, name))
+        if meta is None:                       # killed during the first save: nothing is complete
+            for path in self.checkpoints() + self.state_files():
+                _remove(path)
+            return
+        keep = meta.get("state", STATE_NAME + ".pt")
+        for path in self.state_files():
+            if os.path.basename(path) != keep:
+                _remove(path)
+        for path in self.checkpoints():
+            if int(_CKPT_RE.match(os.path.basename(path)).group(1)) > int(meta["step"]):
+                _remove(path)
+
+    def commit(self, step: int, micro: int, checkpoint: str, state: str) -> None:
+        """Record a complete save (its checkpoint and training state are already on disk): the
+        one atomic rename that makes them the unit --resume continues from."""
+        tmp = self.state_meta + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "micro_step": micro, "checkpoint": checkpoint, "state": state}, f)
+        os.replace(tmp, self.state_meta)
+        for path in self.state_files():
+            if os.path.basename(path) != state:
+                _remove(path)
+
+    def truncate_loss_log(self, step: int) -> None:
+        """Keep loss.csv's rows up to `step` (a resumed run logs the later ones again)."""
+        if not os.path.isfile(self.loss_log):
+            return
+        with open(self.loss_log, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step
+                           and len(r) == len(rows[0])]
+        tmp = self.loss_log + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, self.loss_log)
 
     def prune(self, keep: int) -> None:
         for path in self.checkpoints()[:-keep]:
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            _remove(path)
+
+
+def _remove(path: str) -> None:
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, str],
@@ -284,11 +348,11 @@ def save_checkpoint(folder: RunFolder, trainer, arch: ModelArch, args, step: int
     else:
         path = os.path.join(folder.ckpt, f"sd-{step}.{args.save_format}")
         checkpoint_io.save_state_dict(path, trainer.export_weights(), overwrite=True)
-    trainer.save_state(folder.state)
-    tmp = folder.state_meta + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "micro_step": micro, "checkpoint": os.path.basename(path)}, f)
-    os.replace(tmp, folder.state_meta)
+    # weights, then this step's training state, then the commit record: killed at any instant,
+    # the last commit still names a complete checkpoint + state pair
+    state = f"{STATE_NAME}-{step}.pt"
+    trainer.save_state(os.path.join(folder.ckpt, state))
+    folder.commit(step, micro, os.path.basename(path), state)
     folder.prune(args.ckpt_max_keep)
     log.info("saved %s", path)
 
@@ -300,11 +364,20 @@ def resume_state(folder: RunFolder, trainer, resume: str):
         if not (os.path.isfile(resume) and resume.endswith(".json")):
             raise UserError(f"--resume takes 'latest' or a train_state.json file, got {resume}")
         folder.state_meta, folder.state = resume, resume[:-5] + ".pt"
-    if not os.path.exists(folder.state_meta) or not os.path.exists(folder.state):
-        raise UserError(f"nothing to resume in {folder.root}: no {STATE_NAME}.json/.pt in {folder.ckpt}")
+    if not os.path.exists(folder.state_meta):
+        if resume == "latest" and os.path.exists(folder.loss_log):
+            log.warning("%s: the run was interrupted before its first complete save; starting from step 0",
+                        folder.root)
+            os.remove(folder.loss_log)
+            return 0, 0
+        raise UserError(f"nothing to resume in {folder.root}: no {STATE_NAME}.json in {folder.ckpt}")
     with open(folder.state_meta) as f:
         meta = json.load(f)
-    trainer.load_state(folder.state)
+    state = os.path.join(os.path.dirname(folder.state_meta), meta.get("state", os.path.basename(folder.state)))
+    if not os.path.exists(state):
+        raise UserError(f"cannot resume: {state}, which {folder.state_meta} names, is missing")
+    trainer.load_state(state)
+    folder.truncate_loss_log(int(meta["step"]))
     return int(meta["step"]), int(meta["micro_step"])
 
 

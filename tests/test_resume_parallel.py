@@ -72,3 +72,55 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_models):
     assert moved > 1e-4 and worst < 1e-3 * moved, (moved, worst)
     assert "batch 1 x 2 process(es)" in two.stderr
     assert (tmp_path / "two" / "loss.csv").exists() and not (tmp_path / "two" / "ckpt" / "sd-3.safetensors.tmp").exists()
+
+
+def _replace_calls(monkeypatch, fail_at=None, after=False):
+    """Record os.replace calls (every atomic write ends in one); raise KeyboardInterrupt (a kill)
+    at call `fail_at`, before the rename (the temporary file is complete but not in place) or
+    right after it (killed before the next write)."""
+    calls, real = [], os.replace
+
+    def replace(src, dst):
+        calls.append(os.path.basename(str(dst)))
+        if len(calls) - 1 == fail_at and not after:
+            raise KeyboardInterrupt
+        real(src, dst)
+        if len(calls) - 1 == fail_at and after:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def test_killed_at_any_point_of_saving_resumes_bit_exactly(tmp_path, tiny_models, monkeypatch):
+    """Every rename of the save sequence (checkpoint, training state, commit record, in the
+    first and the second save), killed before or after it: `--resume` then ends bit-identical to
+    the uninterrupted run, with each step once in loss.csv and no temporary file left."""
+    import backends.cuda as backend
+    from common.train_loop import run_training
+
+    def train(out, steps, *extra):
+        return run_training(args_for(out, tiny_models["v1"], "--max_train_steps", str(steps),
+                                     "--ckpt_max_keep", "1", "--with_prior_preservation", "False", *extra), backend)
+
+    full = train(tmp_path / "full", 6)
+    want = load_state_dict(full["checkpoint"])
+    full_log = (tmp_path / "full" / "loss.csv").read_text().splitlines()
+    calls = _replace_calls(monkeypatch)
+    train(tmp_path / "probe", 4)
+    saves = [i for i, name in enumerate(calls) if not name.endswith(".csv")]
+    assert [calls[i] for i in saves] == ["sd-2.safetensors", "train_state-2.pt", "train_state.json",
+                                          "sd-4.safetensors", "train_state-4.pt", "train_state.json"]
+    for index in saves:
+        for after in (False, True):
+            out = tmp_path / f"kill-{index}-{after}"
+            _replace_calls(monkeypatch, index, after)
+            with pytest.raises(KeyboardInterrupt):
+                train(out, 4)
+            monkeypatch.setattr(os, "replace", os.rename)
+            resumed = train(out, 6, "--resume")
+            got = load_state_dict(resumed["checkpoint"])
+            assert os.path.basename(resumed["checkpoint"]) == "sd-6.safetensors"
+            assert all(np.array_equal(want[k], got[k]) for k in want), (index, after)
+            rows = (out / "loss.csv").read_text().splitlines()
+            assert [r.rsplit(",", 1)[0] for r in rows] == [r.rsplit(",", 1)[0] for r in full_log], (index, after)
+            assert sorted(os.listdir(out / "ckpt")) == ["sd-6.safetensors", "train_state-6.pt", "train_state.json"]
