@@ -28,18 +28,16 @@ it; an existing target needs `overwrite`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import UserError
 
 SAFETENSORS_EXT = (".safetensors",)
@@ -394,67 +392,6 @@ def load_state_dict(path: str, *, keep_bf16: bool = False) -> Dict[str, np.ndarr
 
 # --------------------------------------------------------------------------- writing
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:          # e.g. Windows cannot open directories; the rename is still done
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _default_mode(folder: bool) -> int:
-    """What open()/mkdir would have given (mkstemp/mkdtemp make owner-only files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if folder else 0o666) & ~umask
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str, overwrite: bool, folder: bool = False) -> Iterator[str]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on failure it goes."""
-    if os.path.lexists(path) and not overwrite:
-        raise UserError(f"{path} already exists (pass overwrite to replace it)")
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(os.path.normpath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        if folder:
-            tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-        else:
-            fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        os.chmod(tmp, _default_mode(folder))
-        if folder:
-            old = None
-            if os.path.lexists(path):        # a folder cannot be renamed over: move it aside
-                old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=directory)
-                os.rmdir(old)
-                os.rename(path, old)
-            os.rename(tmp, path)
-            if old:
-                shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-        else:
-            with open(tmp, "r+b") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp) if folder else os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-    _fsync_dir(directory)
-
-
 def _plan(sd: Mapping[str, Any], dtype: Optional[str], path: str) -> List[Tuple[str, Any, Tuple[int, ...], np.dtype]]:
     """(name, value, shape, stored dtype) per tensor, read from shapes and dtypes only: values may
     be lazy objects with .shape, .dtype and __array__ (made when written, one at a time)."""
@@ -579,7 +516,8 @@ def save_state_dict(path: str, sd: Mapping[str, Any], *, overwrite: bool = False
     meta = None
     if metadata:
         meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    with _atomic_path(path, overwrite) as tmp, open(tmp, "wb") as f:
+    need = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for _, _, shape, dt in plan)
+    with atomic_path(path, overwrite, need=need) as tmp, open(tmp, "wb") as f:
         if kind == "safetensors":
             _write_safetensors(f, plan, meta)
         elif kind == "mindspore":
@@ -714,7 +652,7 @@ def save_diffusers_folder(path: str, parts: Mapping[str, Mapping[str, Any]], arc
              "tokenizer": [None, None], "scheduler": ["diffusers", "DDIMScheduler"]}
     classes = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                "text_encoder": ["transformers", "CLIPTextModel"]}
-    with _atomic_path(path, overwrite, folder=True) as tmp:
+    with atomic_path(path, overwrite, folder=True) as tmp:
         for component, tensors in parts.items():
             if component == "extras":
                 if tensors:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import tempfile
 from typing import Callable
 
 from .errors import UserError
@@ -47,18 +49,38 @@ def check_output_file(path: str, flag: str) -> None:
     check_output_dir(os.path.dirname(os.path.abspath(path)), flag)
 
 
+def _close_progress_bars() -> None:
+    """Finish any open tqdm bar first, so that the error is the last line printed."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+    sys.stdout.flush()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run `main`; a UserError becomes `error: ...` on stderr and exit code 2, without a traceback;
-    Ctrl-C exits 130 (checkpoints are written atomically, so nothing half-written is left)."""
+    Ctrl-C (or SIGTERM) exits 130 (checkpoints are written atomically, so nothing half-written is
+    left). Open progress bars are closed first, so the message is the last line."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("GLOG_v", "3")                  # MindSpore: errors only (set GLOG_v=2 for warnings)
+    # MindSpore writes rank_0/om/analyze_fail.ir into the working directory when a graph fails
+    os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), f"dualbooth-mindspore-{os.getuid()}"))
+    # MindSpore's runtime answers Ctrl-C by sending the process SIGTERM; treat that (and a
+    # scheduler's SIGTERM) like Ctrl-C, so both backends stop the same way.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = main()
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted; resume with --resume", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

@@ -36,6 +36,7 @@ from PIL import Image, ImageOps
 
 from .config import BACKEND_ALIASES
 from .data import IMAGE_EXTENSIONS, _to_rgb
+from .atomic import atomic_path
 from .errors import UserError
 from .images import make_grid, save_png
 
@@ -365,13 +366,9 @@ def write_json(path: str, data: Dict[str, Any], overwrite: bool = True) -> None:
     path = os.path.expanduser(path)
     if os.path.exists(path) and not overwrite:
         raise UserError(f"{path} already exists (pass --overwrite True to replace it)")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(_jsonable(data), f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def thumbnail_grid(paths: Sequence[str], size: int = 128, max_images: int = 16) -> Image.Image:
@@ -451,8 +448,6 @@ def write_dreambooth_report(folder: str, results: Dict[str, Any], overwrite: boo
         lines += [f"## Prompt {k + 1}: {_md(e['prompt'])}", "",
                   f"CLIP-T {_fmt(e['clip_t'])} · CLIP-I {_fmt(e['clip_i'])} · DINO {_fmt(e['dino'])} · "
                   f"{len(e['images'])} image(s)", "", f"![prompt {k + 1}]({e['grid']})", ""]
-    tmp = md_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(md_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    os.replace(tmp, md_path)
     return {"json": json_path, "report": md_path, "grids": grids}

@@ -9,6 +9,8 @@ from typing import List, Sequence
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_path
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] NCHW float -> NHWC uint8, rounded (as diffusers does; MindONE truncates)."""
@@ -41,9 +43,8 @@ def next_index(folder: str, pattern: str = r"^(\d{5})\.png$") -> int:
 
 def save_png(image: np.ndarray, path: str) -> None:
     """Write through a temporary name so an interrupted run never leaves a broken image."""
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def save_images(images: np.ndarray, folder: str, start: int) -> List[str]:

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checkpoint_io, lora as lora_fmt
+from .atomic import atomic_path
 from .arch import ModelArch, load_arch
 from .class_images import ensure_class_images
 from .config import dump_args
@@ -146,7 +147,7 @@ class RunFolder:
         states newer than (or beside) the last committed save."""
         meta = self.committed()
         for name in os.listdir(self.ckpt):
-            if name.endswith(".tmp"):
+            if name.endswith((".tmp", ".old")):
                 _remove(os.path.join(self.ckpt, name))
         if meta is None:                       # killed during the first save: nothing is complete
             for path in self.checkpoints() + self.state_files():
@@ -163,10 +164,8 @@ class RunFolder:
     def commit(self, step: int, micro: int, checkpoint: str, state: str) -> None:
         """Record a complete save (its checkpoint and training state are already on disk): the
         one atomic rename that makes them the unit --resume continues from."""
-        tmp = self.state_meta + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(self.state_meta) as tmp, open(tmp, "w") as f:
             json.dump({"step": step, "micro_step": micro, "checkpoint": checkpoint, "state": state}, f)
-        os.replace(tmp, self.state_meta)
         for path in self.state_files():
             if os.path.basename(path) != state:
                 _remove(path)
@@ -179,10 +178,8 @@ class RunFolder:
             rows = list(csv.reader(f))
         kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step
                            and len(r) == len(rows[0])]
-        tmp = self.loss_log + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.loss_log) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
-        os.replace(tmp, self.loss_log)
 
     def prune(self, keep: int) -> None:
         for path in self.checkpoints()[:-keep]:
@@ -197,19 +194,14 @@ def save_lora_folder(lora: lora_fmt.LoraSet, folder: str, metadata: Dict[str, st
                      mindspore_arch: Optional[ModelArch] = None) -> None:
     """A LoRA checkpoint: the diffusers file and the kohya file side by side (plus, given
     `mindspore_arch`, MindONE's MindSpore LoRA .ckpt), written atomically."""
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.DIFFUSERS_WEIGHT_NAME), lora_fmt.to_diffusers(lora),
-                                  metadata={"format": "pt"})
-    checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.KOHYA_WEIGHT_NAME), lora_fmt.to_kohya(lora),
-                                  metadata=metadata)
-    if mindspore_arch is not None:
-        checkpoint_io.save_mindspore_ckpt(os.path.join(tmp, lora_fmt.MINDSPORE_WEIGHT_NAME),
-                                          lora_to_mindspore(lora, mindspore_arch))
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_path(folder, folder=True) as tmp:
+        checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.DIFFUSERS_WEIGHT_NAME),
+                                      lora_fmt.to_diffusers(lora), metadata={"format": "pt"})
+        checkpoint_io.save_state_dict(os.path.join(tmp, lora_fmt.KOHYA_WEIGHT_NAME), lora_fmt.to_kohya(lora),
+                                      metadata=metadata)
+        if mindspore_arch is not None:
+            checkpoint_io.save_mindspore_ckpt(os.path.join(tmp, lora_fmt.MINDSPORE_WEIGHT_NAME),
+                                              lora_to_mindspore(lora, mindspore_arch))
 
 
 # --------------------------------------------------------------------------- the run

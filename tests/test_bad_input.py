@@ -110,3 +110,103 @@ def test_output_checks_for_permissions_and_read_only(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
     with pytest.raises(UserError, match="read-only file system"):
         check_output_dir(str(tmp_path / "x"), "--output_path")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KB file system (tmpfs; needs root and mount rights, else the test is skipped)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(small_disk, tiny_models):
+    out = small_disk / "run"
+    proc = train(out, tiny_models["v1"], TINY["v1"], "--with_prior_preservation", "False", check=False)
+    assert_one_line_error(proc, "disk full writing", "sd-2.safetensors", "free", "needs about")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")      # after the progress bar
+    leftovers = [f for _, _, files in os.walk(small_disk) for f in files if f.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_disk_full_keeps_the_last_complete_checkpoint(tmp_path, tiny_models, monkeypatch):
+    import errno
+
+    import backends.cuda as backend
+    from common import checkpoint_io
+    from common.train_loop import run_training
+    from common.train_args import parse_train_args
+
+    real, calls = checkpoint_io._write_safetensors, []
+
+    def write(f, plan, meta):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, plan, meta)
+    monkeypatch.setattr(checkpoint_io, "_write_safetensors", write)
+    args = parse_train_args(["--model_config", TINY["v1"], "--pretrained_model_path", tiny_models["v1"],
+                             "--instance_data_dir", SUBJECT, "--instance_prompt", "a photo of sks robot",
+                             "--with_prior_preservation", "False", "--image_size", "32", "--train_batch_size", "1",
+                             "--max_train_steps", "2", "--ckpt_save_steps", "1", "--output_path", str(tmp_path / "run")])
+    with pytest.raises(UserError, match="disk full writing .*sd-2.safetensors"):
+        run_training(args, backend)
+    assert sorted(os.listdir(tmp_path / "run" / "ckpt")) == ["sd-1.safetensors", "train_state-1.pt", "train_state.json"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ctrl_c_is_exit_130_with_one_message_on_both_backends(tmp_path, tiny_models, backend):
+    import signal
+    import subprocess
+    import sys
+
+    from test_cli import ENV
+
+    proc = subprocess.Popen([sys.executable, "text_to_image.py", "--backend", backend, "--config", TINY["v1"],
+                             "--ckpt_path", tiny_models["v1"], "--n_samples", "1", "--n_iter", "1",
+                             "--sampling_steps", "500", "--H", "32", "--W", "32", "--ms_mode", "1",
+                             "--output_path", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=ENV)
+    seen = ""
+    while "1/500" not in seen and "2/500" not in seen:       # sampling has started
+        char = proc.stderr.read(1)
+        assert char, seen[-2000:]
+        seen += char
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, (seen + rest)[-2000:]
+    assert (seen + rest).strip().splitlines()[-1] == "interrupted; resume with --resume"
+
+
+def test_mindspore_debug_files_stay_out_of_the_working_directory(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from common.cli import run_cli\n"
+            "def main():\n"
+            "    import mindspore as ms, numpy as np\n"
+            "    from mindspore import nn, ops, Tensor\n"
+            "    ms.set_device('CPU'); ms.set_context(mode=0)\n"
+            "    class Bad(nn.Cell):\n"
+            "        def construct(self, x):\n"
+            "            return ops.concat((x, x.reshape(4, 1)), 0)\n"
+            "    try:\n"
+            "        Bad()(Tensor(np.ones((2, 2), np.float32)))\n"
+            "    except ValueError:\n"
+            "        return 0\n"
+            "    return 1\n"
+            "run_cli(main)\n") % ROOT
+    script = tmp_path / "bad_graph.py"                # graph mode reads the Cell's source from a file
+    script.write_text(code)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.listdir(cwd) == []

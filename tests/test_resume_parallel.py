@@ -83,6 +83,7 @@ def _replace_calls(monkeypatch, fail_at=None, after=False):
     def replace(src, dst):
         calls.append(os.path.basename(str(dst)))
         if len(calls) - 1 == fail_at and not after:
+            shutil.copyfile(src, str(src) + ".killed.tmp")    # what a real kill leaves behind
             raise KeyboardInterrupt
         real(src, dst)
         if len(calls) - 1 == fail_at and after:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Dict, Optional
 
 import numpy as np
@@ -17,6 +16,7 @@ from accelerate import Accelerator
 
 from common import keymap
 from common.arch import ModelArch
+from common.atomic import atomic_path
 from common.errors import UserError
 from common.lora import LoraSet
 from .device import compute_dtype
@@ -224,9 +224,8 @@ class Trainer:
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema is not None else None,
                  "ema_updates": self.ema_updates}
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     def load_state(self, path: str) -> None:
         try:
