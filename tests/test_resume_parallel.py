@@ -92,36 +92,44 @@ def _replace_calls(monkeypatch, fail_at=None, after=False):
     return calls
 
 
-def test_killed_at_any_point_of_saving_resumes_bit_exactly(tmp_path, tiny_models, monkeypatch):
+@pytest.mark.parametrize("backend_name", ["cuda", "ascend"])
+def test_killed_at_any_point_of_saving_resumes_bit_exactly(tmp_path, tiny_models, monkeypatch, backend_name):
     """Every rename of the save sequence (checkpoint, training state, commit record, in the
     first and the second save), killed before or after it: `--resume` then ends bit-identical to
-    the uninterrupted run, with each step once in loss.csv and no temporary file left."""
-    import backends.cuda as backend
+    the uninterrupted run, with each step once in loss.csv and no temporary file left. The ascend
+    backend (slower to build) is killed at the points around its own training-state file."""
+    from backends import load_backend
     from common.train_loop import run_training
 
+    backend = load_backend(backend_name)
+
     def train(out, steps, *extra):
-        return run_training(args_for(out, tiny_models["v1"], "--max_train_steps", str(steps),
-                                     "--ckpt_max_keep", "1", "--with_prior_preservation", "False", *extra), backend)
+        return run_training(args_for(out, tiny_models["v1"], "--max_train_steps", str(steps), "--backend",
+                                     backend_name, "--mode", "1", "--image_size", "32", "--ckpt_max_keep", "1",
+                                     "--with_prior_preservation", "False", *extra), backend)
 
     full = train(tmp_path / "full", 6)
     want = load_state_dict(full["checkpoint"])
     full_log = (tmp_path / "full" / "loss.csv").read_text().splitlines()
-    calls = _replace_calls(monkeypatch)
-    train(tmp_path / "probe", 4)
-    saves = [i for i, name in enumerate(calls) if not name.endswith(".csv")]
-    assert [calls[i] for i in saves] == ["sd-2.safetensors", "train_state-2.pt", "train_state.json",
-                                          "sd-4.safetensors", "train_state-4.pt", "train_state.json"]
-    for index in saves:
-        for after in (False, True):
-            out = tmp_path / f"kill-{index}-{after}"
-            _replace_calls(monkeypatch, index, after)
-            with pytest.raises(KeyboardInterrupt):
-                train(out, 4)
-            monkeypatch.setattr(os, "replace", os.rename)
-            resumed = train(out, 6, "--resume")
-            got = load_state_dict(resumed["checkpoint"])
-            assert os.path.basename(resumed["checkpoint"]) == "sd-6.safetensors"
-            assert all(np.array_equal(want[k], got[k]) for k in want), (index, after)
-            rows = (out / "loss.csv").read_text().splitlines()
-            assert [r.rsplit(",", 1)[0] for r in rows] == [r.rsplit(",", 1)[0] for r in full_log], (index, after)
-            assert sorted(os.listdir(out / "ckpt")) == ["sd-6.safetensors", "train_state-6.pt", "train_state.json"]
+    sequence = ["sd-2.safetensors", "train_state-2.pt", "train_state.json",
+                "sd-4.safetensors", "train_state-4.pt", "train_state.json"]
+    if backend_name == "cuda":
+        calls = _replace_calls(monkeypatch)
+        train(tmp_path / "probe", 4)
+        assert [c for c in calls if not c.endswith(".csv")] == sequence
+        points = [(i, after) for i in range(len(sequence)) for after in (False, True)]
+    else:
+        points = [(4, False)]            # killed while renaming its own training-state file into place
+    for index, after in points:
+        out = tmp_path / f"kill-{index}-{after}"
+        _replace_calls(monkeypatch, index, after)
+        with pytest.raises(KeyboardInterrupt):
+            train(out, 4)
+        monkeypatch.setattr(os, "replace", os.rename)
+        resumed = train(out, 6, "--resume")
+        got = load_state_dict(resumed["checkpoint"])
+        assert os.path.basename(resumed["checkpoint"]) == "sd-6.safetensors"
+        assert all(np.array_equal(want[k], got[k]) for k in want), (index, after)
+        rows = (out / "loss.csv").read_text().splitlines()
+        assert [r.rsplit(",", 1)[0] for r in rows] == [r.rsplit(",", 1)[0] for r in full_log], (index, after)
+        assert sorted(os.listdir(out / "ckpt")) == ["sd-6.safetensors", "train_state-6.pt", "train_state.json"]
