@@ -5,7 +5,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 from typing import Callable
 
 from .errors import UserError
@@ -68,8 +67,6 @@ def run_cli(main: Callable[[], int | None]) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach for the network
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("GLOG_v", "3")                  # MindSpore: errors only (set GLOG_v=2 for warnings)
-    # MindSpore writes rank_0/om/analyze_fail.ir into the working directory when a graph fails
-    os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), f"dualbooth-mindspore-{os.getuid()}"))
     # MindSpore's runtime answers Ctrl-C by sending the process SIGTERM; treat that (and a
     # scheduler's SIGTERM) like Ctrl-C, so both backends stop the same way.
     signal.signal(signal.SIGTERM, _interrupt)

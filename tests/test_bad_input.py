@@ -191,6 +191,7 @@ def test_mindspore_debug_files_stay_out_of_the_working_directory(tmp_path):
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from common.cli import run_cli\n"
             "def main():\n"
+            "    import backends.ascend.device  # how every ascend path starts MindSpore\n"
             "    import mindspore as ms, numpy as np\n"
             "    from mindspore import nn, ops, Tensor\n"
             "    ms.set_device('CPU'); ms.set_context(mode=0)\n"

@@ -15,6 +15,13 @@ Modules (imported on first use, so `import backends.ascend` does not load MindSp
 """
 from __future__ import annotations
 
+import os
+import tempfile
+
+# MindSpore writes rank_0/om/analyze_fail.ir into the working directory when a graph fails to
+# compile (it reads MS_OM_PATH when it writes): keep it out of the user's folders.
+os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), f"dualbooth-mindspore-{os.getuid()}"))
+
 _EXPORTS = {
     "StableDiffusion": "models", "build_models": "models", "load_original": "models",
     "load_mindspore": "models", "parameter_shapes": "models", "optional_names": "models",
