@@ -88,7 +88,7 @@ def count_images(folder: str) -> int:
     return len(_scan(folder)[0])
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparent pixels become white (not black), 16-bit data is rescaled."""
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
@@ -122,7 +122,7 @@ def load_image(path: str, size: int, crop: str, flip: bool, rng: np.random.Gener
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
+            im = to_rgb(im)
     except Exception as e:
         raise UserError(f"cannot decode image {path}: {e}") from e
 

@@ -147,7 +147,7 @@ def open_clip_config_dir() -> Optional[str]:
     return None
 
 
-def _read_config_file(path: str) -> dict:
+def read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"model config not found: {path}")
     try:
@@ -305,7 +305,7 @@ def _builtin_clip_config(name: str) -> Optional[dict]:
 def clip_arch(model_name: Optional[str] = None, config: Optional[str] = None) -> ClipArch:
     """The CLIP architecture named by `config` (a file; wins) or `model_name` (default ViT-B-16)."""
     if config:
-        cfg = _read_config_file(config)
+        cfg = read_config_file(config)
         return clip_arch_from_dict(cfg, os.path.splitext(os.path.basename(config))[0], f"model config {config}")
     name = model_name or DEFAULT_CLIP
     resolved = CLIP_ALIASES.get(name, CLIP_ALIASES.get(name.lower(), name)).replace("/", "-")
@@ -331,7 +331,7 @@ def dino_arch(model_name: Optional[str] = None, config: Optional[str] = None) ->
     """The DINO ViT named by `config` (a file with image_size, patch_size, width, layers, heads and
     optionally mlp_ratio; wins) or by `model_name` (default vit_small_patch16_224, DINO ViT-S/16)."""
     if config:
-        cfg = _read_config_file(config)
+        cfg = read_config_file(config)
         source = f"model config {config}"
 
         def get(*keys, default=None):
@@ -602,7 +602,7 @@ def load_clip_source(ckpt_path: str, model_name: Optional[str] = None, config: O
     A transformers folder brings its own config.json (it wins over model_name/config)."""
     if ckpt_path and is_transformers_folder(os.path.expanduser(ckpt_path)):
         folder = os.path.expanduser(ckpt_path)
-        cfg = _read_config_file(os.path.join(folder, "config.json"))
+        cfg = read_config_file(os.path.join(folder, "config.json"))
         arch = clip_arch_from_dict(cfg, os.path.basename(os.path.normpath(folder)), f"{folder}/config.json")
         files = [f for f in HF_WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
         if not files:

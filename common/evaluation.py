@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .config import BACKEND_ALIASES
-from .data import IMAGE_EXTENSIONS, _to_rgb
+from .data import IMAGE_EXTENSIONS, to_rgb
 from .atomic import atomic_path
 from .errors import UserError
 from .images import make_grid, save_png
@@ -98,7 +98,7 @@ def open_rgb(path: str) -> Image.Image:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
-            return _to_rgb(im)
+            return to_rgb(im)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

@@ -31,7 +31,7 @@ PARTS = ("unet", "vae", "text_encoder")
 _PART_PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
 
 # Buffers LDM stores next to the weights; they are recomputed from the schedule, never converted.
-_SCHEDULE_BUFFERS = frozenset({
+SCHEDULE_BUFFERS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -323,7 +323,7 @@ def _text_entries(arch: ModelArch) -> Iterator[Entry]:
 
 def iter_entries(arch: ModelArch, parts: Sequence[str] = PARTS) -> Iterator[Entry]:
     """All (original, diffusers) name pairs of `arch`, part by part in construction order."""
-    parts = _check_parts(parts)
+    parts = check_parts(parts)
     if "unet" in parts:
         for l, d, shape, tf in _unet_raw(arch.unet):
             yield Entry(UNET_PREFIX + l, shape, "unet", "unet", d, tf)
@@ -343,7 +343,7 @@ def ldm_shapes(arch: ModelArch, parts: Sequence[str] = PARTS) -> Dict[str, Shape
 
 def diffusers_shapes(arch: ModelArch, parts: Sequence[str] = PARTS) -> Dict[str, Dict[str, Shape]]:
     """The diffusers view's names -> shapes per component (plus "extras"), without arrays."""
-    out: Dict[str, Dict[str, Shape]] = {p: {} for p in _check_parts(parts)}
+    out: Dict[str, Dict[str, Shape]] = {p: {} for p in check_parts(parts)}
     out["extras"] = {}
     for e in iter_entries(arch, parts):
         out[e.component][e.name] = target_shape(e.shape, e.transform)
@@ -427,7 +427,7 @@ def clip_text_config(arch: ModelArch) -> dict:
 
 # --------------------------------------------------------------------------- public: conversion
 
-def _check_parts(parts: Iterable[str]) -> Tuple[str, ...]:
+def check_parts(parts: Iterable[str]) -> Tuple[str, ...]:
     parts = tuple(parts)
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
@@ -435,25 +435,25 @@ def _check_parts(parts: Iterable[str]) -> Tuple[str, ...]:
     return parts
 
 
-def _listing(names: Iterable[str], limit: int = 8) -> str:
+def listing(names: Iterable[str], limit: int = 8) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
 
 def _ignorable(key: str) -> bool:
-    return (key in _SCHEDULE_BUFFERS or key.startswith("model_ema.")
+    return (key in SCHEDULE_BUFFERS or key.startswith("model_ema.")
             or (key.startswith(TEXT_PREFIX) and key.endswith("embeddings.position_ids")))
 
 
-def _part_of(key: str):
+def part_of(key: str):
     for part, prefix in _PART_PREFIX.items():
         if key.startswith(prefix):
             return part
     return None
 
 
-def _normalize_ldm(sd: Dict[str, np.ndarray], arch: ModelArch) -> Dict[str, np.ndarray]:
+def normalize_ldm(sd: Dict[str, np.ndarray], arch: ModelArch) -> Dict[str, np.ndarray]:
     """Drop buffers; give SD1 text keys the `text_model.` level older transformers lacked."""
     out: Dict[str, np.ndarray] = {}
     old = "cond_stage_model.transformer."
@@ -469,23 +469,23 @@ def _normalize_ldm(sd: Dict[str, np.ndarray], arch: ModelArch) -> Dict[str, np.n
     return out
 
 
-def _ema_name(ldm: str) -> str:
+def ema_name(ldm: str) -> str:
     # LitEma stores "model.diffusion_model.a.b" as "model_ema.diffusion_modelab".
     return "model_ema." + ldm[len("model."):].replace(".", "")
 
 
 def present_parts(keys: Iterable[str]) -> Tuple[str, ...]:
     """The parts (unet / vae / text_encoder) an original-layout checkpoint has any tensor of."""
-    found = {_part_of(k) for k in keys}
+    found = {part_of(k) for k in keys}
     return tuple(p for p in PARTS if p in found)
 
 
-def _check_shapes(pairs, what: str) -> None:
+def check_shapes(pairs, what: str) -> None:
     bad = [f"{name} {tuple(x.shape)} != {tuple(shape)}" for name, x, shape in pairs
            if tuple(x.shape) != tuple(shape)]
     if bad:
         raise UserError(f"{what}: {len(bad)} tensor(s) have the wrong shape for this model config "
-                        f"(wrong config for the checkpoint?): {_listing(bad, 4)}")
+                        f"(wrong config for the checkpoint?): {listing(bad, 4)}")
 
 
 def ldm_to_diffusers(sd: Dict[str, np.ndarray], arch: ModelArch, parts: Sequence[str] = PARTS,
@@ -499,19 +499,19 @@ def ldm_to_diffusers(sd: Dict[str, np.ndarray], arch: ModelArch, parts: Sequence
     from model_ema.* instead. Unknown or missing tensors, or wrong shapes, raise UserError. Arrays
     are views of the inputs (no copies), dtypes untouched.
     """
-    parts = _check_parts(parts)
+    parts = check_parts(parts)
     if "vae" in parts:
         _require_diffusers_vae(arch)
-    src = _normalize_ldm(sd, arch)
+    src = normalize_ldm(sd, arch)
     entries = list(iter_entries(arch))
     known = {e.ldm for e in entries}
-    unknown = [k for k in src if k not in known and _part_of(k) in parts + (None,)]
+    unknown = [k for k in src if k not in known and part_of(k) in parts + (None,)]
     if unknown:
         raise UserError(f"checkpoint has {len(unknown)} tensor(s) that {arch.path} does not "
-                        f"define (wrong config?): {_listing(unknown)}")
+                        f"define (wrong config?): {listing(unknown)}")
 
     def source(e: Entry) -> str:
-        return _ema_name(e.ldm) if ema and e.part == "unet" else e.ldm
+        return ema_name(e.ldm) if ema and e.part == "unet" else e.ldm
 
     if ema and "unet" in parts and not any(k.startswith("model_ema.") for k in sd):
         raise UserError("checkpoint has no EMA weights (model_ema.*) to extract")
@@ -527,9 +527,9 @@ def ldm_to_diffusers(sd: Dict[str, np.ndarray], arch: ModelArch, parts: Sequence
     missing = {source(e) for e in wanted if not e.optional and source(e) not in pool}
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} tensor(s) that {arch.path} needs "
-                        f"for {'/'.join(parts)}: {_listing(missing)}")
+                        f"for {'/'.join(parts)}: {listing(missing)}")
     present = [e for e in wanted if source(e) in pool]
-    _check_shapes([(source(e), pool[source(e)], e.shape) for e in present], "checkpoint")
+    check_shapes([(source(e), pool[source(e)], e.shape) for e in present], "checkpoint")
     out: Dict[str, Dict[str, np.ndarray]] = {p: {} for p in parts}
     out["extras"] = {}
     for e in present:
@@ -577,13 +577,13 @@ def diffusers_to_ldm(parts: Dict[str, Dict[str, np.ndarray]], arch: ModelArch) -
         unknown = [k for k in tensors if k not in expected]
         if unknown:
             raise UserError(f"diffusers {comp} has {len(unknown)} tensor(s) that {arch.path} does "
-                            f"not define (wrong config?): {_listing(unknown)}")
+                            f"not define (wrong config?): {listing(unknown)}")
         if comp != "extras":
             missing = [k for k in expected if k not in tensors]
             if missing:
                 raise UserError(f"diffusers {comp} lacks {len(missing)} tensor(s) that {arch.path} "
-                                f"needs: {_listing(missing)}")
-        _check_shapes([(k, x, target_shape(expected[k].shape, expected[k].transform))
+                                f"needs: {listing(missing)}")
+        check_shapes([(k, x, target_shape(expected[k].shape, expected[k].transform))
                        for k, x in tensors.items()], f"diffusers {comp}")
         for k, x in tensors.items():
             groups[expected[k].ldm].append((expected[k], x))

@@ -180,7 +180,7 @@ def _entries(arch: ModelArch, parts: Tuple[str, ...]) -> Tuple[MsEntry, ...]:
 def mindspore_entries(arch: ModelArch, parts: Sequence[str] = PARTS) -> Tuple[MsEntry, ...]:
     """Every tensor of MindONE's layout for `arch` (incl. the optional carried ones), in
     construction order, without allocating anything."""
-    return _entries(arch, keymap._check_parts(parts))
+    return _entries(arch, keymap.check_parts(parts))
 
 
 def mindspore_shapes(arch: ModelArch, parts: Sequence[str] = PARTS) -> Dict[str, Shape]:
@@ -197,7 +197,7 @@ def canonical_ldm(sd: Mapping[str, np.ndarray], arch: ModelArch, parts: Optional
     model_ema.* with `ema`. `parts` defaults to the parts `sd` has any tensor of. Unknown tensors,
     missing ones and wrong shapes raise UserError listing them. Arrays are the inputs (no copies).
     """
-    src = keymap._normalize_ldm(dict(sd), arch)
+    src = keymap.normalize_ldm(dict(sd), arch)
     pool = dict(src)
     if ema:
         if not any(k.startswith("model_ema.") for k in sd):
@@ -209,27 +209,27 @@ def canonical_ldm(sd: Mapping[str, np.ndarray], arch: ModelArch, parts: Optional
         if not parts:
             raise UserError(f"checkpoint holds no tensor of a Stable Diffusion model (no "
                             f"{keymap.UNET_PREFIX}, {keymap.VAE_PREFIX} or {keymap.TEXT_PREFIX} names)")
-    parts = keymap._check_parts(parts)
+    parts = keymap.check_parts(parts)
     entries = {e.ldm: e for e in keymap.iter_entries(arch)}
-    unknown = [k for k in src if k not in entries and keymap._part_of(k) in parts + (None,)]
+    unknown = [k for k in src if k not in entries and keymap.part_of(k) in parts + (None,)]
     if unknown:
         raise UserError(f"checkpoint has {len(unknown)} tensor(s) that {arch.path} does not "
-                        f"define (wrong config?): {keymap._listing(unknown)}")
+                        f"define (wrong config?): {keymap.listing(unknown)}")
     absent = [p for p in parts if p not in have]
     if absent:
         raise UserError(f"checkpoint lacks the whole {'/'.join(absent)} (has "
                         f"{'/'.join(have) or 'nothing'}); convert only the parts it has")
 
     def source(e: Entry) -> str:
-        return keymap._ema_name(e.ldm) if ema and e.part == "unet" else e.ldm
+        return keymap.ema_name(e.ldm) if ema and e.part == "unet" else e.ldm
 
     wanted = [e for e in entries.values() if e.part in parts]
     missing = {source(e) for e in wanted if not e.optional and source(e) not in pool}
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} tensor(s) that {arch.path} needs for "
-                        f"{'/'.join(parts)}: {keymap._listing(missing)}")
+                        f"{'/'.join(parts)}: {keymap.listing(missing)}")
     present = [e for e in wanted if source(e) in pool]
-    keymap._check_shapes([(source(e), pool[source(e)], e.shape) for e in present], "checkpoint")
+    keymap.check_shapes([(source(e), pool[source(e)], e.shape) for e in present], "checkpoint")
     return {e.ldm: pool[source(e)] for e in present}
 
 
@@ -252,7 +252,7 @@ def ldm_to_mindspore(sd: Mapping[str, np.ndarray], arch: ModelArch, parts: Optio
 
 
 def _ms_ignorable(name: str) -> bool:
-    return name in _MS_BOOKKEEPING or name in keymap._SCHEDULE_BUFFERS
+    return name in _MS_BOOKKEEPING or name in keymap.SCHEDULE_BUFFERS
 
 
 def mindspore_to_ldm(sd: Mapping[str, np.ndarray], arch: ModelArch,
@@ -274,9 +274,9 @@ def mindspore_to_ldm(sd: Mapping[str, np.ndarray], arch: ModelArch,
     unknown = [k for k in src if k not in index]
     if unknown:
         raise UserError(f"MindSpore checkpoint has {len(unknown)} tensor(s) that {arch.path} does "
-                        f"not define (wrong config?): {keymap._listing(unknown)}")
+                        f"not define (wrong config?): {keymap.listing(unknown)}")
     if parts is not None:
-        parts = keymap._check_parts(parts)
+        parts = keymap.check_parts(parts)
         src = {k: x for k, x in src.items() if index[k].part in parts}
     found: Dict[str, Tuple[str, np.ndarray]] = {}
     for k, x in src.items():
@@ -290,8 +290,8 @@ def mindspore_to_ldm(sd: Mapping[str, np.ndarray], arch: ModelArch,
     missing = [me.ms for me in entries if me.part in present and not me.optional and me.ms not in found]
     if missing:
         raise UserError(f"MindSpore checkpoint lacks {len(missing)} tensor(s) that {arch.path} needs "
-                        f"for {'/'.join(p for p in PARTS if p in present)}: {keymap._listing(missing)}")
-    keymap._check_shapes([(k, x, index[k].shape) for k, x in found.values()], "MindSpore checkpoint")
+                        f"for {'/'.join(p for p in PARTS if p in present)}: {keymap.listing(missing)}")
+    keymap.check_shapes([(k, x, index[k].shape) for k, x in found.values()], "MindSpore checkpoint")
     out: Dict[str, np.ndarray] = {}
     for me in entries:
         if me.ms not in found:
@@ -375,7 +375,7 @@ def lora_to_mindspore(lora: LoraSet, arch: ModelArch) -> Dict[str, np.ndarray]:
     valid = lora_targets(arch, True, True)
     bad = [t for t in lora if t not in valid]
     if bad:
-        raise UserError(f"LoRA layer(s) that {arch.path} does not have: {keymap._listing(bad)}")
+        raise UserError(f"LoRA layer(s) that {arch.path} does not have: {keymap.listing(bad)}")
     fused: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
     for module, targets in lora_modules(arch).items():
         pairs = [lora.get(t) for t in targets]

@@ -53,7 +53,7 @@ from PIL import Image
 
 from .checkpoint_io import load_state_dict
 from .errors import UserError
-from .eval_models import (HF_WEIGHT_FILES, ClipArch, ClipSource, _read_config_file, canonical_clip_weights,
+from .eval_models import (HF_WEIGHT_FILES, ClipArch, ClipSource, read_config_file, canonical_clip_weights,
                           clip_arch_from_dict, clip_parameter_shapes, load_clip_source)
 from .evaluation import CLIP_MEAN, CLIP_STD, l2_normalize, load_clip_encoder, resize_center_crop
 
@@ -266,7 +266,7 @@ def load_concept_checker(path: Optional[str]) -> Tuple[ClipSource, ConceptHead]:
     vision["visual_projection.weight"] = sd["visual_projection.weight"]
     projection_dim = int(np.shape(sd["visual_projection.weight"])[0])
     if os.path.isfile(config_file):
-        cfg = _read_config_file(config_file)
+        cfg = read_config_file(config_file)
         vision_config = dict(cfg.get("vision_config") or {})
         projection_dim = int(cfg.get("projection_dim", projection_dim))
         source = config_file

@@ -38,7 +38,6 @@ from .tokenizer import tokenizer_for
 log = logging.getLogger("train")
 
 STATE_NAME = "train_state"
-lora_fmt.MINDSPORE_WEIGHT_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout: ascend backend or --save_format mindspore
 _CKPT_RE = re.compile(r"^(?:sd|lora)-(\d+)(?:\.safetensors|\.ckpt)?$")
 _STATE_RE = re.compile(rf"^{STATE_NAME}(?:-\d+)?\.pt$")
 

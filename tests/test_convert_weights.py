@@ -164,7 +164,7 @@ def test_torch_pickle_with_ema_buffers_and_separate_vae(models, tmp_path):
     path, arch, sd = models["v1"]
     t = lambda x: torch.from_numpy(np.array(x))
     ckpt = {k.replace("transformer.text_model.", "transformer."): t(v) for k, v in sd.items()}
-    ckpt.update({keymap._ema_name(k): t(v + 1) for k, v in sd.items() if k.startswith(keymap.UNET_PREFIX)})
+    ckpt.update({keymap.ema_name(k): t(v + 1) for k, v in sd.items() if k.startswith(keymap.UNET_PREFIX)})
     ckpt["betas"] = torch.zeros(1000)
     ckpt["cond_stage_model.transformer.embeddings.position_ids"] = torch.arange(77)[None]
     src = tmp_path / "civitai.ckpt"

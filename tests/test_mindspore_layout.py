@@ -272,7 +272,7 @@ def test_original_layout_quirks_and_ema(tiny):
     if arch.text.kind == "clip":   # no `text_model.` level, integer position_ids buffer
         variant = {k.replace("transformer.text_model.", "transformer."): v for k, v in variant.items()}
         variant["cond_stage_model.transformer.embeddings.position_ids"] = np.arange(77)[None]
-    ema = {keymap._ema_name(k): v + 1 for k, v in sd.items() if k.startswith(keymap.UNET_PREFIX)}
+    ema = {keymap.ema_name(k): v + 1 for k, v in sd.items() if k.startswith(keymap.UNET_PREFIX)}
     variant.update(ema, **{"model_ema.decay": np.asarray(0.999, np.float32)})
     assert_same(ml.ldm_to_mindspore(variant, arch), base)
     picked = ml.ldm_to_mindspore(variant, arch, ema=True)
