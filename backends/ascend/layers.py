@@ -47,17 +47,58 @@ class Dense(nn.Dense):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d with explicit zero padding (pad_mode="pad") whose convolution runs in `dtype`."""
+    """nn.Conv2d with explicit zero padding (pad_mode="pad") whose convolution runs in `dtype`.
+
+    On a CPU device target the convolution is computed as im2col (`ops.unfold`) + matmul:
+    MindSpore's CPU 3x3 conv kernels are 60-200x slower than this (forward and backward, mindspore
+    2.10, benchmarks/results/backends_cpu.md), and it gives the same numbers up to float rounding.
+    Decided once, when the layer is built (after backends.ascend.device.setup); on Ascend the
+    native convolution stays.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, dtype=FP32):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
                          padding=padding, has_bias=True, weight_init="zeros", bias_init="zeros")
         self.compute_dtype = compute_dtype(dtype)
+        self.use_matmul = ms.get_context("device_target") == "CPU"
+        self.pointwise = kernel_size == 1 and stride == 1 and padding == 0
+        self.matmul = ops.MatMul()
+        self.bmm = ops.BatchMatMul()
 
     def construct(self, x):
-        y = self.conv2d(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        x = x.astype(self.compute_dtype)
+        w = self.weight.astype(self.compute_dtype)
+        if self.use_matmul:
+            y = self._matmul_conv(x, w)
+        else:
+            y = self.conv2d(x, w)
         return self.bias_add(y, self.bias.astype(self.compute_dtype))
+
+    def _matmul_conv(self, x, w):
+        b, c, h, wd = x.shape
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        p = self.padding
+        ho = (h + 2 * p - kh) // sh + 1
+        wo = (wd + 2 * p - kw) // sw + 1
+        o, k, n = self.out_channels, c * kh * kw, ho * wo
+        if self.pointwise:
+            cols = x.reshape(b, c, n)
+        else:   # (B, C*kh*kw, Ho*Wo), channel-major like weight.reshape(out, -1)
+            cols = ops.unfold(x, (kh, kw), 1, p, (sh, sw))
+        w = w.reshape(o, k)
+        # Shapes are static, so this choice is made at compile time. Few pixels per weight (low
+        # resolutions, wide layers): one 2-D matmul over all images' columns; moving the batch
+        # axis copies less than a broadcast weight, and 2-D MatMul's backward is the fastest.
+        if b == 1 or n * (k + o) < 4 * o * k:
+            if b > 1:
+                cols = cols.transpose(1, 0, 2)
+            y = self.matmul(w, cols.reshape(k, b * n)).reshape(o, b, ho, wo)
+            return y.transpose(1, 0, 2, 3) if b > 1 else y.reshape(1, o, ho, wo)
+        # Many pixels per weight: batched matmul on an explicitly broadcast weight (autodiff of
+        # matmul's implicit broadcast is ~2x slower).
+        return self.bmm(ops.broadcast_to(w.reshape(1, o, k), (b, o, k)), cols).reshape(b, o, ho, wo)
 
 
 class WrappedConv2d(nn.Cell):
