@@ -125,21 +125,6 @@ class GroupNorm(nn.GroupNorm):
         return y.astype(x.dtype)
 
 
-class GroupNormWB(nn.Cell):
-    """GroupNorm with `weight` / `bias` (MindONE's VAE naming), normalising in float32."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.num_groups = num_groups
-        self.eps = eps
-        self.weight = Parameter(initializer("ones", (num_channels,), FP32), name="weight")
-        self.bias = Parameter(initializer("zeros", (num_channels,), FP32), name="bias")
-
-    def construct(self, x):
-        y = ops.group_norm(x.astype(FP32), self.num_groups, self.weight, self.bias, self.eps)
-        return y.astype(x.dtype)
-
-
 class LayerNorm(nn.LayerNorm):
     """LayerNorm over the last axis with `gamma` / `beta`, normalising in float32."""
 
