@@ -15,8 +15,7 @@ import math
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import initializer
+from mindspore import Tensor, nn, ops
 
 FP32 = ms.float32
 
@@ -115,7 +114,7 @@ class WrappedConv2d(nn.Cell):
 
 
 class GroupNorm(nn.GroupNorm):
-    """GroupNorm with `gamma` / `beta` (UNet naming), normalising in float32."""
+    """GroupNorm with `gamma` / `beta` (as MindONE names every GroupNorm), normalising in float32."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
         super().__init__(num_groups, num_channels, eps=eps)
