@@ -29,7 +29,7 @@ DEFAULT_CONFIG = "configs/v2-inference.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common.samplers import SAMPLERS
+    from common.diffusion.samplers import SAMPLERS
 
     p = UserArgumentParser(prog="text_to_image.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,13 +119,14 @@ def main() -> int:
     args = build_parser().parse_args()
     setup_logging(args.log_level)
     from backends import load_backend
-    from common import lora as lora_fmt, watermark
+    from common.formats import lora as lora_fmt
+    from common import watermark
     from common.arch import load_arch
-    from common.checkpoint_io import load_model_weights
+    from common.formats.loading import load_lora_file, load_model_weights
     from common.errors import UserError
-    from common.generate import SampleSettings, pad_negatives, text_to_image
+    from common.diffusion.generate import SampleSettings, pad_negatives, text_to_image
     from common.images import make_grid, next_index, save_images, save_png
-    from common.safety import check_safety, load_safety_checker
+    from common.evaluation.safety import check_safety, load_safety_checker
     from common.tokenizer import tokenizer_for
 
     for flag, value in (("--support_long_prompts", args.support_long_prompts), ("--ti_ckpt_path", args.ti_ckpt_path)):
@@ -155,7 +156,7 @@ def main() -> int:
     tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
     lora = None
     if args.use_lora:              # the LoRA file is small: read it first, so a wrong one fails early
-        full = lora_fmt.load_lora_file(args.lora_ckpt_path, arch)
+        full = load_lora_file(args.lora_ckpt_path, arch)
         lora = lora_fmt.select(full, args.lora_ft_unet, args.lora_ft_text_encoder)
         ignored = set(lora_fmt.components(full)) - set(lora_fmt.components(lora))
         if ignored:

@@ -7,14 +7,14 @@
         --pretrained_model_path models/sd_v2_base.ckpt --output_path output/dreambooth_dog
 """
 from common.cli import run_cli, setup_logging
-from common.train_args import parse_train_args
+from common.training.train_args import parse_train_args
 
 
 def main() -> int:
     args = parse_train_args()
     setup_logging(args.log_level)
     from backends import load_backend
-    from common.train_loop import run_training
+    from common.training.train_loop import run_training
 
     result = run_training(args, load_backend(args.backend))
     print(f"checkpoint: {result['checkpoint']}")

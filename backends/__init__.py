@@ -5,12 +5,12 @@ Both implement the same small interface, which everything in `common/` drives:
 - ``Pipeline(arch, weights, precision=..., lora=None, lora_scale=1.0)`` for inference:
   ``encode_text(ids) -> context``, ``predict(x, t, context) -> model output``,
   ``decode(latents) -> images in [-1, 1]`` (numpy in, numpy out; the sampler arithmetic and
-  classifier-free guidance live in ``common.samplers``).
+  classifier-free guidance live in ``common.diffusion.samplers``).
 - ``Trainer(arch, weights, args, lora_init)`` for training: ``train_step(batch, lr, update)``,
   ``export_weights()``, ``export_lora()``, ``save_state(path)``, ``load_state(path)``,
   ``pipeline()`` (for validation and class images), ``rank``/``world_size``.
 
-Weights cross the boundary as original-layout ``{name: numpy array}`` dicts (see common.keymap);
+Weights cross the boundary as original-layout ``{name: numpy array}`` dicts (see common.formats.keymap);
 backends never parse checkpoint files themselves.
 """
 from __future__ import annotations

@@ -139,7 +139,7 @@ def case(name: str, backend: str, config: str, steps: int, reps: int) -> list:
     import numpy as np
 
     from common.arch import load_arch
-    from common.init_weights import random_weights
+    from common.formats.init_weights import random_weights
     from common.tokenizer import tokenizer_for
 
     if backend == "ascend_native_conv":
@@ -154,10 +154,10 @@ def case(name: str, backend: str, config: str, steps: int, reps: int) -> list:
     rng = np.random.default_rng(0)
     out = {"case": name, "backend": backend}
     if name == "train":
-        from common.data import DreamBoothDataset
-        from common.schedule import NoiseSchedule
-        from common.train_args import parse_train_args
-        from common.train_loop import make_batch, step_inputs
+        from common.training.data import DreamBoothDataset
+        from common.diffusion.schedule import NoiseSchedule
+        from common.training.train_args import parse_train_args
+        from common.training.train_loop import make_batch, step_inputs
         args = parse_train_args(["--model_config", config, "--instance_data_dir", SUBJECT, "--instance_prompt", PROMPT,
                                  "--class_data_dir", SUBJECT, "--class_prompt", CLASS_PROMPT, "--num_class_images", "1",
                                  "--with_prior_preservation", "True", "--train_text_encoder", "False",
@@ -175,7 +175,7 @@ def case(name: str, backend: str, config: str, steps: int, reps: int) -> list:
     else:
         pipe = be.Pipeline(arch, weights)
         if name == "sample":
-            from common.generate import SampleSettings, sample_latents
+            from common.diffusion.generate import SampleSettings, sample_latents
             settings = SampleSettings(sampler="dpm_solver_pp", steps=steps, scale=7.5, height=size, width=size,
                                       seed=0, progress=False)
             ids, neg = tok([PROMPT]), tok([""])

@@ -63,9 +63,9 @@ def make_source(path: str) -> None:
     buffers and the int64 position_ids that such files carry)."""
     import numpy as np
 
-    from common import keymap
+    from common.formats import keymap
     from common.arch import load_arch
-    from common.checkpoint_io import save_state_dict
+    from common.formats.checkpoint_io import save_state_dict
 
     arch = load_arch(CONFIG)
     pool = np.random.default_rng(0).standard_normal(1 << 24, dtype=np.float32).astype(np.float16)
@@ -83,7 +83,7 @@ import sys; sys.path.insert(0, ROOT)
 import mindspore as ms, numpy as np
 from safetensors import safe_open
 from common.arch import load_arch
-from common import mindspore_layout as ml
+from common.formats import mindspore_layout as ml
 arch = load_arch(CONFIG)
 with safe_open(SRC, framework="pt") as f:                    # MindONE: every tensor into memory
     pt = {k: f.get_tensor(k).numpy() for k in f.keys()}
@@ -99,7 +99,7 @@ PEER_MS_TO_PT = r"""
 import sys; sys.path.insert(0, ROOT)
 import mindspore as ms, numpy as np, torch
 from common.arch import load_arch
-from common import mindspore_layout as ml
+from common.formats import mindspore_layout as ml
 arch = load_arch(CONFIG)
 params = ms.load_checkpoint(SRC)                               # MindONE: load, asnumpy, torch.save
 out = {}
@@ -116,9 +116,9 @@ PEER_PT_TO_DIFFUSERS = r"""
 import sys, os; sys.path.insert(0, ROOT)
 from safetensors.torch import load_file, save_file
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
-    convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint)
+                                                 convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint)
 from common.arch import load_arch
-from common import keymap
+from common.formats import keymap
 arch = load_arch(CONFIG)
 ckpt = load_file(SRC)
 for name, sd in (("unet", convert_ldm_unet_checkpoint(ckpt, keymap.diffusers_unet_config(arch))),
@@ -189,9 +189,9 @@ def main() -> int:
 
     import numpy as np
 
-    from common import checkpoint_io as cio
-    from common import keymap
-    from common import mindspore_layout as ml
+    from common.formats import checkpoint_io as cio
+    from common.formats import keymap
+    from common.formats import mindspore_layout as ml
     from common.arch import load_arch
 
     os.makedirs(args.workdir, exist_ok=True)

@@ -26,7 +26,7 @@ def case(name: str, config: str, steps: int, size: int) -> dict:
     import torch
 
     from common.arch import load_arch
-    from common.init_weights import random_weights
+    from common.formats.init_weights import random_weights
 
     torch.manual_seed(0)
     arch = load_arch(config)
@@ -35,7 +35,7 @@ def case(name: str, config: str, steps: int, size: int) -> dict:
     out = {"case": name}
     if name in ("sample_ours", "sample_diffusers"):
         from backends.cuda import Pipeline
-        from common.generate import SampleSettings, sample_latents
+        from common.diffusion.generate import SampleSettings, sample_latents
         from common.tokenizer import tokenizer_for
         tok = tokenizer_for(arch.text)
         pipe = Pipeline(arch, weights)
@@ -63,13 +63,13 @@ def case(name: str, config: str, steps: int, size: int) -> dict:
         out["seconds"] = time.perf_counter() - t0
         out["unit"] = f"one {size}px image, {steps} steps, CFG"
     else:
-        from common.train_args import parse_train_args
+        from common.training.train_args import parse_train_args
         args = parse_train_args(["--instance_data_dir", "x", "--instance_prompt", "x", "--with_prior_preservation", "False",
                                  "--train_text_encoder", "False", "--image_size", str(size), "--seed", "0"])
         b = 1
         rng = np.random.default_rng(0)
         images = rng.uniform(-1, 1, (b, 3, size, size)).astype(np.float32)
-        from common.schedule import NoiseSchedule
+        from common.diffusion.schedule import NoiseSchedule
         from common.tokenizer import tokenizer_for
         ids = tokenizer_for(arch.text)(["a photo of sks robot"] * b)
         f = arch.vae.downsample_factor

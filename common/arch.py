@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import yaml
 
-from .errors import UserError
+from common.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from typing import Iterator, Optional
 
-from .errors import UserError
+from common.errors import UserError
 
 
 def _size(n: float) -> str:

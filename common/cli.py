@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Callable
 
-from .errors import UserError
+from common.errors import UserError
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-from .arch import REPO_ROOT
-from .errors import UserError
+from common.arch import REPO_ROOT
+from common.errors import UserError
 
 BACKENDS = ("cuda", "ascend")
 # MindONE's evaluation scripts say pt/ms; MindONE's own scripts run on Ascend by default.

@@ -9,7 +9,9 @@ from typing import List, Sequence
 import numpy as np
 from PIL import Image
 
-from .atomic import atomic_path
+from common.atomic import atomic_path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -55,3 +57,23 @@ def save_images(images: np.ndarray, folder: str, start: int) -> List[str]:
         save_png(img, path)
         paths.append(path)
     return paths
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels become white (not black), 16-bit data is rescaled."""
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        # PIL clips 16-bit and 32-bit values to 255 when converting to L, which whites out the image.
+        # "I;16*" and "I" (how 16-bit PNG/TIFF open) are scaled from 0..65535; "F" is taken as 0..1
+        # when it fits there, else as 0..255.
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        else:
+            a = a / 257.0
+        gray = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    return im.convert("RGB")

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import regex
 
-from .errors import UserError
+from common.errors import UserError
 
 try:  # SD users' tokenizers (OpenAI CLIP, open_clip) run ftfy; fall back to plain NFC like HF's fast one
     import ftfy

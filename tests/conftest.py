@@ -21,8 +21,8 @@ SUBJECT = os.path.join(ROOT, "assets", "sample_subject")
 def tiny_models(tmp_path_factory):
     """{'v1': path, 'v2': path} of tiny original-layout .safetensors checkpoints."""
     from common.arch import load_arch
-    from common.checkpoint_io import save_state_dict
-    from common.init_weights import random_weights
+    from common.formats.checkpoint_io import save_state_dict
+    from common.formats.init_weights import random_weights
 
     folder = tmp_path_factory.mktemp("models")
     out = {}

@@ -18,11 +18,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from conftest import ROOT, TINY  # noqa: E402
-from common import lora as lora_fmt  # noqa: E402
+from common.formats import lora as lora_fmt  # noqa: E402
 from common.arch import load_arch  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.init_weights import random_weights  # noqa: E402
-from common.mindspore_layout import legacy_vae_norm_name, mindspore_shapes  # noqa: E402
+from common.formats.init_weights import random_weights  # noqa: E402
+from common.formats.mindspore_layout import legacy_vae_norm_name, mindspore_shapes  # noqa: E402
 
 REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference", "mindone")
 
@@ -148,7 +148,7 @@ def test_full_size_parameter_names_equal_mindone(config, names):
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_tiny_names_equal_the_layout_module(version):
-    """The Cells and common.mindspore_layout (which converts checkpoints) agree on every tensor
+    """The Cells and common.formats.mindspore_layout (which converts checkpoints) agree on every tensor
     the model runs."""
     from backends.ascend.models import build_models, optional_names, parameter_shapes
 
@@ -186,7 +186,7 @@ def test_mindone_ckpt_loads_with_load_param_into_net(tmp_path):
     """A MindONE-layout .ckpt (embedding tables in Float16, as MindONE saves them; SD2's unused
     24th-style block and text_projection carried along) loads with MindSpore's own loader: every
     parameter is filled, only the tensors SD does not run are left over, values as load_original."""
-    from common.mindspore_layout import ldm_to_mindspore
+    from common.formats.mindspore_layout import ldm_to_mindspore
 
     from backends.ascend.models import build_models, load_original, optional_names
 

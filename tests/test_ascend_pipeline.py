@@ -11,12 +11,12 @@ pytest.importorskip("mindspore")
 pytest.importorskip("torch")
 
 from conftest import ROOT, TINY  # noqa: E402
-from common import lora as lora_fmt  # noqa: E402
+from common.formats import lora as lora_fmt  # noqa: E402
 from common.arch import load_arch  # noqa: E402
-from common.checkpoint_io import load_state_dict  # noqa: E402
-from common.generate import SampleSettings, sample_latents  # noqa: E402
+from common.formats.checkpoint_io import load_state_dict  # noqa: E402
+from common.diffusion.generate import SampleSettings, sample_latents  # noqa: E402
 from common.images import to_uint8  # noqa: E402
-from common.samplers import SAMPLERS  # noqa: E402
+from common.diffusion.samplers import SAMPLERS  # noqa: E402
 from common.tokenizer import tokenizer_for  # noqa: E402
 
 SIZE = 32  # 16x16 latents keep MindSpore's CPU convolutions quick
@@ -75,8 +75,8 @@ def test_lora_at_inference_matches(tiny_models):
 
 def test_class_images_through_the_mindspore_pipeline(tmp_path, tiny_models):
     import backends.ascend as ascend
-    from common.class_images import ensure_class_images
-    from common.train_args import parse_train_args
+    from common.training.class_images import ensure_class_images
+    from common.training.train_args import parse_train_args
     arch = load_arch(TINY["v2"])
     args = parse_train_args(["--instance_data_dir", "x", "--instance_prompt", "x", "--class_data_dir",
                              str(tmp_path / "cls"), "--class_prompt", "a robot", "--num_class_images", "3",

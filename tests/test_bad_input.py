@@ -55,9 +55,9 @@ def test_text_to_image_values_and_combinations(tmp_path, tiny_models, args, need
 
 
 def test_lora_for_another_base_model(tmp_path, tiny_models):
-    from common import lora as lora_fmt
+    from common.formats import lora as lora_fmt
     from common.arch import load_arch
-    from common.checkpoint_io import save_state_dict
+    from common.formats.checkpoint_io import save_state_dict
 
     arch = load_arch(TINY["v1"])
     kohya = lora_fmt.to_kohya(lora_fmt.init_lora(arch, 2, 2.0, 0, unet=True, text_encoder=False))
@@ -139,9 +139,9 @@ def test_disk_full_keeps_the_last_complete_checkpoint(tmp_path, tiny_models, mon
     import errno
 
     import backends.cuda as backend
-    from common import checkpoint_io
-    from common.train_loop import run_training
-    from common.train_args import parse_train_args
+    from common.formats import checkpoint_io
+    from common.training.train_loop import run_training
+    from common.training.train_args import parse_train_args
 
     real, calls = checkpoint_io._write_safetensors, []
 

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from common.checkpoint_io import load_state_dict, save_state_dict
+from common.formats.checkpoint_io import load_state_dict, save_state_dict
 from common.errors import UserError
 
 try:                      # .ckpt files need PyTorch; the safetensors tests run without it

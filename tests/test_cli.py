@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from conftest import ROOT, SUBJECT, TINY
-from common.checkpoint_io import load_state_dict
+from common.formats.checkpoint_io import load_state_dict
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
 

@@ -3,7 +3,7 @@ import pytest
 
 from common.arch import load_arch, parse_arch
 from common.errors import UserError
-from common.train_args import parse_train_args
+from common.training.train_args import parse_train_args
 
 BASE = ["--instance_data_dir", "data", "--instance_prompt", "a photo of sks dog"]
 

@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from common import checkpoint_io as cio
-from common import keymap
-from common import mindspore_layout as ml
+from common.formats import checkpoint_io as cio
+from common.formats import conversion, keymap
+from common.formats import mindspore_layout as ml
 from common.arch import load_arch
 from common.errors import UserError
-from common.init_weights import random_weights
-from common.lora import LoraPair, from_state_dict, lora_targets, to_diffusers, to_kohya
+from common.formats.init_weights import random_weights
+from common.formats.lora import LoraPair, from_state_dict, lora_targets, to_diffusers, to_kohya
 
 try:
     import torch
@@ -243,13 +243,13 @@ def test_wrong_source_version_config_and_flags(models, tmp_path):
 def test_model_recognised_from_full_size_shapes():
     args = cw.build_parser().parse_args(["-s", "x", "-t", "y"])
     to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    assert cw._choose_config(args, {to_k: np.zeros((320, 768), np.float16)}) == "configs/v1-inference.yaml"
-    assert cw._choose_config(args, {to_k: np.zeros((320, 1024), np.float16)}) == "configs/v2-inference.yaml"
+    assert conversion.choose_config(args, {to_k: np.zeros((320, 768), np.float16)}) == "configs/v1-inference.yaml"
+    assert conversion.choose_config(args, {to_k: np.zeros((320, 1024), np.float16)}) == "configs/v2-inference.yaml"
     emb = "cond_stage_model.transformer.embedding_table"
-    assert cw._choose_config(args, {emb: np.zeros((4, 1024))}, "v_prediction") == "configs/v2-vpred-inference.yaml"
+    assert conversion.choose_config(args, {emb: np.zeros((4, 1024))}, "v_prediction") == "configs/v2-vpred-inference.yaml"
     kohya_up = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight"
     kohya_down = kohya_up.replace("lora_up", "lora_down")
-    assert cw._choose_config(args, {kohya_up: np.zeros((320, 4)), kohya_down: np.zeros((4, 768))}) \
+    assert conversion.choose_config(args, {kohya_up: np.zeros((320, 4)), kohya_down: np.zeros((4, 768))}) \
         == "configs/v1-inference.yaml"
 
 

@@ -1,4 +1,4 @@
-"""Tests for common/data.py (DreamBooth data pipeline) and the procedural sample subject."""
+"""Tests for common/training/data.py (DreamBooth data pipeline) and the procedural sample subject."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import DreamBoothDataset, count_images, list_images, load_image
+from common.training.data import DreamBoothDataset, count_images, list_images, load_image
 from common.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,7 @@ def test_missing_and_empty_folders(tmp_path):
 def test_folder_with_no_usable_image(tmp_path, caplog):
     (tmp_path / "notes.txt").write_text("a photo of sks robot")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.training.data"):
         with pytest.raises(UserError, match="no readable images"):
             list_images(str(tmp_path))
     assert "corrupt.png" in caplog.text and "notes.txt" not in caplog.text
@@ -194,7 +194,7 @@ def test_corrupt_files_are_skipped_with_one_warning(tmp_path, caplog):
     save_rgb(tmp_path / ".hidden.png", noise(16, 16, 3))
     (tmp_path / "subdir.png").mkdir()
 
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.training.data"):
         paths = list_images(str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["a_good.jpg", "b_good.png"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -357,7 +357,7 @@ def _load_tool(monkeypatch):
 
 def test_committed_sample_subject_is_usable(caplog):
     folder = os.path.join(REPO, "assets", "sample_subject")
-    with caplog.at_level(logging.WARNING, logger="common.data"):
+    with caplog.at_level(logging.WARNING, logger="common.training.data"):
         paths = list_images(folder)
     assert len(paths) == 5 and not caplog.records  # its README.md is ignored silently
     for p in paths:

@@ -16,11 +16,11 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, SUBJECT
-from common import evaluation as ev
-from common.checkpoint_io import save_state_dict
+from common.evaluation import scores as ev
+from common.formats.checkpoint_io import save_state_dict
 from common.errors import UserError
-from common.eval_models import (ClipSource, clip_arch, clip_parameter_shapes, dino_arch,
-                                dino_parameter_shapes, load_clip_source, load_dino_source, open_clip_to_mindspore)
+from common.evaluation.models import (ClipSource, clip_arch, clip_parameter_shapes, dino_arch,
+                                      dino_parameter_shapes, load_clip_source, load_dino_source, open_clip_to_mindspore)
 from common.tokenizer import CLIPTokenizer
 
 EVAL = os.path.join(ROOT, "tools", "eval")
@@ -387,7 +387,7 @@ def test_builtin_clip_configs_equal_open_clips(monkeypatch):
     which must be open_clip's own."""
     import json
 
-    from common import eval_models as em
+    from common.evaluation import models as em
 
     folder = em.open_clip_config_dir()
     if folder is None:

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from common import lora as lora_fmt
+from common.formats import lora as lora_fmt
+from common.formats import loading
 from common.arch import load_arch
-from common.checkpoint_io import load_state_dict, save_state_dict
-from common.generate import SampleSettings, sample_latents
+from common.formats.checkpoint_io import load_state_dict, save_state_dict
+from common.diffusion.generate import SampleSettings, sample_latents
 from common.tokenizer import tokenizer_for
 
 
@@ -110,14 +111,14 @@ def test_lora_for_another_architecture_is_refused(tiny_models):
 
 def test_mindone_lora_file_loads_directly(tmp_path):
     """text_to_image --lora_ckpt_path also takes MindONE's MindSpore LoRA .ckpt as it is."""
-    from common.checkpoint_io import save_mindspore_ckpt
-    from common.mindspore_layout import lora_to_mindspore
+    from common.formats.checkpoint_io import save_mindspore_ckpt
+    from common.formats.mindspore_layout import lora_to_mindspore
     arch = load_arch(TINY["v1"])
     lora = trained_lora(arch)
     path = str(tmp_path / lora_fmt.MINDSPORE_WEIGHT_NAME)
     save_mindspore_ckpt(path, lora_to_mindspore(lora, arch))
     for source in (path, str(tmp_path)):
-        back = lora_fmt.load_lora_file(source, arch)
+        back = loading.load_lora_file(source, arch)
         assert set(back) == set(lora)
         for k in lora:
             np.testing.assert_allclose(back[k].delta(), lora[k].delta(), rtol=1e-5, atol=1e-6)

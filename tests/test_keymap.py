@@ -11,10 +11,10 @@ import yaml
 
 from common.arch import load_arch, resolve_config_path
 from common.errors import UserError
-from common import keymap
-from common.keymap import (clip_text_config, diffusers_shapes, diffusers_to_ldm,
-                           diffusers_unet_config, diffusers_vae_config, iter_entries, ldm_shapes,
-                           ldm_to_diffusers, present_parts)
+from common.formats import keymap
+from common.formats.keymap import (clip_text_config, diffusers_shapes, diffusers_to_ldm,
+                                   diffusers_unet_config, diffusers_vae_config, iter_entries, ldm_shapes,
+                                   ldm_to_diffusers, present_parts)
 
 try:                      # the oracle tests need PyTorch + diffusers + transformers; the rest numpy
     import torch

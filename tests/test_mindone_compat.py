@@ -125,8 +125,8 @@ def test_watermark_round_trip_and_small_images():
 def test_converted_ckpt_has_mindones_vae_names_and_old_files_are_rewritten(tmp_path, tiny_models, version):
     import mindspore as ms
 
-    from common import mindspore_layout as ml
-    from common.checkpoint_io import load_state_dict, save_mindspore_ckpt
+    from common.formats import mindspore_layout as ml
+    from common.formats.checkpoint_io import load_state_dict, save_mindspore_ckpt
 
     arch = load_arch(TINY[version])
     new = tmp_path / "new.ckpt"

@@ -8,12 +8,12 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from common import checkpoint_io as cio
-from common import keymap
-from common import mindspore_layout as ml
+from common.formats import checkpoint_io as cio
+from common.formats import keymap
+from common.formats import mindspore_layout as ml
 from common.arch import load_arch
 from common.errors import UserError
-from common.lora import LoraPair, from_state_dict, init_lora, lora_targets, to_kohya
+from common.formats.lora import LoraPair, from_state_dict, init_lora, lora_targets, to_kohya
 
 try:
     import mindspore

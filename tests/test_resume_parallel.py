@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SUBJECT, TINY
-from common.checkpoint_io import load_state_dict
-from common.train_args import parse_train_args
+from common.formats.checkpoint_io import load_state_dict
+from common.training.train_args import parse_train_args
 
 
 def args_for(out, model, *extra):
@@ -26,7 +26,7 @@ def args_for(out, model, *extra):
                                   ("--use_ema", "True", "--gradient_accumulation_steps", "2")])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, mode):
     import backends.cuda as backend
-    from common.train_loop import run_training
+    from common.training.train_loop import run_training
     # 5 images, batch 1: an epoch is 5 micro-batches, so 6 steps cross an epoch boundary
     full = run_training(args_for(tmp_path / "full", tiny_models["v1"], "--max_train_steps", "6", *mode), backend)
     run_training(args_for(tmp_path / "part", tiny_models["v1"], "--max_train_steps", "4", *mode), backend)
@@ -99,7 +99,7 @@ def test_killed_at_any_point_of_saving_resumes_bit_exactly(tmp_path, tiny_models
     the uninterrupted run, with each step once in loss.csv and no temporary file left. The ascend
     backend (slower to build) is killed at the points around its own training-state file."""
     from backends import load_backend
-    from common.train_loop import run_training
+    from common.training.train_loop import run_training
 
     backend = load_backend(backend_name)
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from common import safety
-from common.checkpoint_io import save_state_dict
+from common.evaluation import safety
+from common.formats.checkpoint_io import save_state_dict
 from common.errors import UserError
 
 BACKENDS = ("cuda", "ascend")
@@ -240,5 +240,5 @@ def test_missing_checkpoints_are_user_errors(tmp_path, monkeypatch, v2):
 
 
 def test_no_framework_at_import():
-    code = "import sys, common.safety; assert not {'torch', 'mindspore'} & set(sys.modules), sys.modules.keys()"
+    code = "import sys, common.evaluation.safety; assert not {'torch', 'mindspore'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,4 +1,4 @@
-"""Parity of common.samplers with the diffusers schedulers configured as Stable Diffusion's.
+"""Parity of common.diffusion.samplers with the diffusers schedulers configured as Stable Diffusion's.
 
 Both sides are driven by the same model: an oracle denoiser for a fixed clean latent plus a fixed
 random perturbation per step, a linear function of (x, t), so any divergence in state compounds.
@@ -14,8 +14,8 @@ import torch
 
 from common.arch import ScheduleArch
 from common.errors import UserError
-from common.samplers import SAMPLERS, denoise, guided, make_sampler
-from common.schedule import NoiseSchedule
+from common.diffusion.samplers import SAMPLERS, denoise, guided, make_sampler
+from common.diffusion.schedule import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_euler_ancestral_discrete  # noqa: E402

@@ -1,11 +1,11 @@
-"""common.schedule against diffusers' DDPMScheduler and compute_snr (float32 there, float64 here)."""
+"""common.diffusion.schedule against diffusers' DDPMScheduler and compute_snr (float32 there, float64 here)."""
 import numpy as np
 import pytest
 import torch
 
 from common.arch import ScheduleArch
 from common.errors import UserError
-from common.schedule import NoiseSchedule
+from common.diffusion.schedule import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.training_utils import compute_snr  # noqa: E402

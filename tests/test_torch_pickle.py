@@ -1,4 +1,4 @@
-"""common.torch_pickle: torch.save files read without torch, bit-identical to torch.load, and
+"""common.formats.torch_pickle: torch.save files read without torch, bit-identical to torch.load, and
 pickles that would run code refused without running. torch (when installed) is the oracle."""
 import collections
 import json
@@ -11,9 +11,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from common.checkpoint_io import BF16, load_state_dict
+from common.formats.checkpoint_io import BF16, load_state_dict
 from common.errors import UserError
-from common.torch_pickle import UnsafePickleError, load_torch_file
+from common.formats.torch_pickle import UnsafePickleError, load_torch_file
 
 try:                    # the oracle and the writer of test files; the refusal tests need neither
     import torch
@@ -255,7 +255,7 @@ try:
     raise SystemExit("torch still importable")
 except ImportError:
     pass
-from common.checkpoint_io import load_state_dict
+from common.formats.checkpoint_io import load_state_dict
 out = {}
 for path in sys.argv[1:]:
     for keep in (False, True):

@@ -4,7 +4,7 @@ CPU, tiny SD1 / SD2 models with identical weights, batches, timesteps and noise:
 - one step: loss, gradients and weight update, for full fine-tuning and LoRA, with and without
   prior preservation and text-encoder training;
 - the optimizer's arithmetic (torch.optim.AdamW, clipping, EMA) and fp16 loss scaling's skip;
-- 20 steps through common.train_loop: equal loss curves; checkpoints of either backend give the
+- 20 steps through common.training.train_loop: equal loss curves; checkpoints of either backend give the
   same images on both (full and LoRA); resume reproduces the uninterrupted run bit for bit;
 - msrun data parallel with 2 CPU workers, and the three MindONE-style commands through the CLI.
 
@@ -29,18 +29,19 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from conftest import ROOT, SUBJECT, TINY  # noqa: E402
-from common import lora as lora_fmt  # noqa: E402
+from common.formats import lora as lora_fmt  # noqa: E402
+from common.formats import loading
 from common.arch import load_arch  # noqa: E402
-from common.checkpoint_io import load_state_dict  # noqa: E402
-from common.data import DreamBoothDataset  # noqa: E402
+from common.formats.checkpoint_io import load_state_dict  # noqa: E402
+from common.training.data import DreamBoothDataset  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.generate import SampleSettings, sample_latents  # noqa: E402
+from common.diffusion.generate import SampleSettings, sample_latents  # noqa: E402
 from common.images import to_uint8  # noqa: E402
-from common.schedule import NoiseSchedule  # noqa: E402
+from common.diffusion.schedule import NoiseSchedule  # noqa: E402
 from common.tokenizer import tokenizer_for  # noqa: E402
-from common.train_args import parse_train_args  # noqa: E402
-from common.lora import MINDSPORE_WEIGHT_NAME as MINDSPORE_LORA_NAME  # noqa: E402
-from common.train_loop import make_batch, run_training, step_inputs  # noqa: E402
+from common.training.train_args import parse_train_args  # noqa: E402
+from common.formats.lora import MINDSPORE_WEIGHT_NAME as MINDSPORE_LORA_NAME  # noqa: E402
+from common.training.train_loop import make_batch, run_training, step_inputs  # noqa: E402
 
 torch.set_num_threads(2)
 SIZE = 16
@@ -104,7 +105,7 @@ _WEIGHTS = {}
 
 def weights_of(arch):
     """random_weights(arch, 0), made once per architecture."""
-    from common.init_weights import random_weights
+    from common.formats.init_weights import random_weights
     if arch.path not in _WEIGHTS:
         _WEIGHTS[arch.path] = random_weights(arch, 0)
     return _WEIGHTS[arch.path]
@@ -470,10 +471,10 @@ def test_full_checkpoint_gives_the_same_image_on_both_backends(full_runs, tiny_m
 
 @pytest.mark.parametrize("trained_by", ["cuda", "ascend"])
 def test_lora_checkpoint_gives_the_same_image_on_both_backends(lora_runs, tiny_models, pipelines, trained_by):
-    from common.mindspore_layout import lora_from_mindspore
+    from common.formats.mindspore_layout import lora_from_mindspore
     arch, on_pt, on_ms = pipelines
     base = load_state_dict(tiny_models["v2"])
-    lora = lora_fmt.load_lora_file(str(lora_runs[trained_by]), arch)
+    lora = loading.load_lora_file(str(lora_runs[trained_by]), arch)
     assert {t.split(":")[0] for t in lora} == {"unet", "text_encoder"}
     a, b = sample(on_pt(base, lora), arch), sample(on_ms(base, lora), arch)
     plain = sample(on_pt(base), arch)
@@ -549,7 +550,7 @@ def test_mindone_commands_train_resume_and_sample(tmp_path, tiny_models, config)
                  "--lora_ft_text_encoder", "True"]
     else:
         if config == "dreambooth":                   # MindONE's layout, MindSpore's file format
-            from common.checkpoint_io import sniff_format
+            from common.formats.checkpoint_io import sniff_format
             assert sniff_format(str(ckpt)) == "mindspore"
             assert any(k.startswith("cond_stage_model.transformer.") for k in load_state_dict(str(ckpt)))
         extra = ["--ckpt_path", str(ckpt)]

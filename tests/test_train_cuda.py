@@ -7,13 +7,13 @@ import torch
 
 from conftest import SUBJECT, TINY
 from common.arch import load_arch
-from common.checkpoint_io import load_state_dict
-from common.data import DreamBoothDataset
-from common.lora import init_lora
-from common.schedule import NoiseSchedule
+from common.formats.checkpoint_io import load_state_dict
+from common.training.data import DreamBoothDataset
+from common.formats.lora import init_lora
+from common.diffusion.schedule import NoiseSchedule
 from common.tokenizer import tokenizer_for
-from common.train_args import parse_train_args
-from common.train_loop import make_batch, step_inputs
+from common.training.train_args import parse_train_args
+from common.training.train_loop import make_batch, step_inputs
 
 torch.set_num_threads(2)
 
@@ -199,7 +199,7 @@ def test_offset_noise_is_constant_per_sample_and_channel(tmp_path):
 
 
 def test_learning_rate_schedule(tmp_path):
-    from common.train_loop import learning_rate
+    from common.training.train_loop import learning_rate
     args = make_args(tmp_path, "--start_learning_rate", "1e-4", "--warmup_steps", "4", "--end_learning_rate", "0",
                      "--decay_steps", "10", "--with_prior_preservation", "False")
     assert [learning_rate(args, s) for s in (0, 3)] == pytest.approx([2.5e-5, 1e-4])

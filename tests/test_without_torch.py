@@ -34,7 +34,7 @@ def test_blocker_blocks():
 def test_ascend_paths_without_torch(tmp_path, tiny_models):
     import torch
 
-    from common.checkpoint_io import load_state_dict
+    from common.formats.checkpoint_io import load_state_dict
 
     # a civitai-style torch pickle, converted to MindONE's format without torch
     sd = load_state_dict(tiny_models["v1"])

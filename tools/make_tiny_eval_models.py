@@ -21,9 +21,9 @@ from common.errors import UserError
 
 def write_tiny_models(output_dir: str, seed: int = 0, overwrite: bool = False) -> dict:
     """Write the four files; returns {"clip_config", "clip_ckpt", "dino_config", "dino_ckpt"} paths."""
-    from common.checkpoint_io import save_state_dict
-    from common.eval_models import (TINY_CLIP_CONFIG, TINY_DINO_CONFIG, clip_arch_from_dict,
-                                    clip_parameter_shapes, dino_arch, dino_parameter_shapes, random_weights)
+    from common.formats.checkpoint_io import save_state_dict
+    from common.evaluation.models import (TINY_CLIP_CONFIG, TINY_DINO_CONFIG, clip_arch_from_dict,
+                                          clip_parameter_shapes, dino_arch, dino_parameter_shapes, random_weights)
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {k: os.path.join(output_dir, name) for k, name in

@@ -28,8 +28,8 @@ def main() -> int:
     import numpy as np
 
     from common.arch import load_arch
-    from common.checkpoint_io import save_state_dict
-    from common.init_weights import random_weights
+    from common.formats.checkpoint_io import save_state_dict
+    from common.formats.init_weights import random_weights
 
     arch = load_arch(args.config)
     weights = random_weights(arch, args.seed)

@@ -1,10 +1,10 @@
 """Evaluation encoders on MindSpore: a CLIP (ViT image tower + text transformer, both projected)
-and a DINO ViT as `nn.Cell`s, fed with the weights `common.eval_models` has read and checked.
+and a DINO ViT as `nn.Cell`s, fed with the weights `common.evaluation.models` has read and checked.
 
 The CLIP Cell's parameters carry MindONE's / MindFormers' names (`visual.ln_pre.gamma`,
 `transformer.resblocks.0.attn.in_proj.weight`, `token_embedding.embedding_table`, ...), so
 `mindspore.save_checkpoint` of it gives a file MindONE's CLIP loads, and the open_clip names map
-onto it through `common.eval_models.open_clip_to_mindspore`. The DINO Cell uses timm's names with
+onto it through `common.evaluation.models.open_clip_to_mindspore`. The DINO Cell uses timm's names with
 LayerNorm gamma/beta (`timm_to_mindspore`). Only classic `mindspore.nn` / `mindspore.ops` layers
 are used (they have CPU and Ascend kernels); everything is float32.
 """
@@ -17,8 +17,8 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from common.errors import UserError
-from common.eval_models import (ClipArch, ClipSource, DinoArch, DinoSource, open_clip_to_mindspore,
-                                timm_to_mindspore)
+from common.evaluation.models import (ClipArch, ClipSource, DinoArch, DinoSource, open_clip_to_mindspore,
+                                      timm_to_mindspore)
 
 
 def _zeros(*shape) -> Parameter:

@@ -4,13 +4,13 @@ and the text encoder's attention, merged into the base weights, or removed again
 Layout follows MindONE: an injected layer replaces the Dense `to_q` by a `LoRADense` whose base
 layer is `to_q.linear` and whose adapters are `to_q.lora_down` / `to_q.lora_up`, giving checkpoint
 names such as `model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_down.weight`.
-The text encoder keeps q, k and v fused in `attn.attn.in_proj`; a `common.lora.LoraSet` adapts q,
+The text encoder keeps q, k and v fused in `attn.attn.in_proj`; a `common.formats.lora.LoraSet` adapts q,
 k and v separately (as diffusers / PEFT do), so the fused layer carries the three adapters side by
 side (`parts=3`: down [3r, in] stacks the q / k / v downs, up [3 * width, r] their ups, each part of
 the output using only its own r columns). That reproduces the per-projection LoRA exactly, and a
 MindONE text-encoder LoRA (one shared down) is the special case of three equal downs.
 
-Targets are `common.lora` names (`unet:<diffusers path>`, `text_encoder:encoder.layers.N.self_attn.q_proj`),
+Targets are `common.formats.lora` names (`unet:<diffusers path>`, `text_encoder:encoder.layers.N.self_attn.q_proj`),
 so LoRA files in any format the core reads work here, and both backends apply the same update
 `up @ down * alpha / rank * scale`.
 """
@@ -23,10 +23,10 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from common import keymap
+from common.formats import keymap
 from common.arch import ModelArch
 from common.errors import UserError
-from common.lora import LoraPair, LoraSet
+from common.formats.lora import LoraPair, LoraSet
 from .layers import FP32, Dense, compute_dtype
 from .text_encoder import TextTransformer
 from .unet import UNetModel
@@ -63,7 +63,7 @@ class LoRADense(nn.Cell):
     """linear(x) + scale * lora_up(lora_down(x)), scale = lora_scale * alpha / rank.
 
     The base Dense (and its Parameter objects) is reused as `linear`, not copied. `targets` are the
-    common.lora targets of the parts (None where a part has no adapter, e.g. a LoRA without k)."""
+    common.formats.lora targets of the parts (None where a part has no adapter, e.g. a LoRA without k)."""
 
     def __init__(self, linear: Dense, rank: int, alpha: float, lora_scale: float = 1.0,
                  parts: int = 1, targets: Tuple[Optional[str], ...] = (None,), dtype=None):
@@ -103,7 +103,7 @@ def _unet_paths(arch: ModelArch) -> Dict[str, str]:
 
 
 def layer_of(target: str, arch: ModelArch) -> Tuple[str, str, int, int]:
-    """common.lora target -> (component, cell path inside that component, part, parts)."""
+    """common.formats.lora target -> (component, cell path inside that component, part, parts)."""
     component, _, path = target.partition(":")
     if component == "unet" and path in _unet_paths(arch):
         return "unet", _unet_paths(arch)[path], 0, 1
@@ -280,7 +280,7 @@ def lora_parameters(*roots: Optional[nn.Cell]) -> List[Parameter]:
 
 
 def export_lora(*roots: Optional[nn.Cell]) -> LoraSet:
-    """The injected adapters as a common.lora LoraSet (fused q/k/v split back per target)."""
+    """The injected adapters as a common.formats.lora LoraSet (fused q/k/v split back per target)."""
     out: LoraSet = {}
     for root in roots:
         for layer in (lora_layers(root).values() if root is not None else ()):

@@ -17,9 +17,9 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from common.arch import ModelArch
-from common.checkpoint_io import BF16, cast_array
+from common.formats.checkpoint_io import BF16, cast_array
 from common.errors import UserError
-from common.mindspore_layout import ldm_to_mindspore, legacy_vae_norm_name, mindspore_entries
+from common.formats.mindspore_layout import ldm_to_mindspore, legacy_vae_norm_name, mindspore_entries
 from .layers import FP32, compute_dtype
 from .text_encoder import TextTransformer
 from .unet import UNetModel
@@ -137,7 +137,7 @@ def optional_names(arch: ModelArch) -> Set[str]:
 def load_original(net: nn.Cell, sd: Dict[str, np.ndarray], arch: ModelArch, prefix: str = "",
                   strict: bool = True) -> None:
     """Load an original single-file (LDM layout) state dict into `net` (a StableDiffusion, or a
-    component with its `prefix`) through `common.mindspore_layout.ldm_to_mindspore` (renames,
+    component with its `prefix`) through `common.formats.mindspore_layout.ldm_to_mindspore` (renames,
     SD1 q/k/v fused into in_proj, validation)."""
     load_mindspore(net, ldm_to_mindspore(sd, arch), prefix=prefix, strict=strict,
                    optional=optional_names(arch))

@@ -8,7 +8,7 @@ import numpy as np
 from mindspore import Tensor
 
 from common.arch import ModelArch
-from common.lora import LoraSet
+from common.formats.lora import LoraSet
 from .device import compute_dtype, setup
 from .lora import merge_lora
 from .models import build_models, load_original

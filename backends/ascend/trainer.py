@@ -2,7 +2,7 @@
 
 Like the PyTorch Trainer, this file is only arithmetic: every random number (posterior noise,
 diffusion noise, offset noise, timesteps and their schedule coefficients, loss weights) arrives in
-the batch from common.train_loop. Two compiled Cells (GRAPH_MODE, or PYNATIVE_MODE with --mode 1)
+the batch from common.training.train_loop. Two compiled Cells (GRAPH_MODE, or PYNATIVE_MODE with --mode 1)
 do the work:
 
 - `_GradStep`: VAE encode (frozen), noise, text encoder, UNet, weighted MSE; the gradients of
@@ -28,12 +28,12 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.amp import all_finite
 
-from common import checkpoint_io
+from common.formats import checkpoint_io
 from common.arch import ModelArch
-from common.checkpoint_io import BF16, cast_array
+from common.formats.checkpoint_io import BF16, cast_array
 from common.errors import UserError
-from common.lora import LoraSet
-from common.mindspore_layout import ldm_to_mindspore, mindspore_to_ldm
+from common.formats.lora import LoraSet
+from common.formats.mindspore_layout import ldm_to_mindspore, mindspore_to_ldm
 from .device import compute_dtype, setup
 from .lora import export_lora, inject_lora, lora_layers, lora_parameters
 from .models import build_models, load_original

@@ -1,9 +1,9 @@
 """Evaluation encoders on PyTorch: CLIP through open_clip (or a transformers CLIP folder) and the
-DINO ViT through timm, fed with weights that `common.eval_models` has already read and checked.
+DINO ViT through timm, fed with weights that `common.evaluation.models` has already read and checked.
 
 Nothing is downloaded: open_clip models are built from the architecture with `pretrained=None`,
 timm's with `pretrained=False`, transformers folders with `local_files_only=True`. Inputs and
-outputs are numpy (pixels preprocessed by `common.evaluation`); everything runs in float32.
+outputs are numpy (pixels preprocessed by `common.evaluation.scores`); everything runs in float32.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from common.eval_models import ClipSource, DinoSource
+from common.evaluation.models import ClipSource, DinoSource
 from .device import pick_device
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from common.lora import TEXT_TARGETS, UNET_TARGETS, LoraPair, LoraSet
+from common.formats.lora import TEXT_TARGETS, UNET_TARGETS, LoraPair, LoraSet
 from common.errors import UserError
 
 

@@ -1,6 +1,6 @@
 """Stable Diffusion models for the PyTorch backend: diffusers' UNet2DConditionModel and
 AutoencoderKL and transformers' CLIPTextModel, built from an architecture config and loaded from an
-original-layout weight dict through common.keymap."""
+original-layout weight dict through common.formats.keymap."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from common import keymap
+from common.formats import keymap
 from common.arch import ModelArch
 from common.errors import UserError
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from common.arch import ModelArch
-from common.lora import LoraSet
+from common.formats.lora import LoraSet
 from .device import compute_dtype, pick_device
 from .lora import merge_lora
 from .models import load_models

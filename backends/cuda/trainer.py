@@ -1,6 +1,6 @@
 """The PyTorch training step: vanilla, DreamBooth (prior preservation) and LoRA.
 
-Everything random arrives in the batch from common.train_loop (posterior noise, diffusion noise,
+Everything random arrives in the batch from common.training.train_loop (posterior noise, diffusion noise,
 offset noise, timesteps and their schedule coefficients, loss weights), so this file is only the
 arithmetic: encode, noise, predict, weighted MSE, AdamW. Data parallelism comes from accelerate.
 """
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from common import keymap
+from common.formats import keymap
 from common.arch import ModelArch
 from common.atomic import atomic_path
 from common.errors import UserError
-from common.lora import LoraSet
+from common.formats.lora import LoraSet
 from .device import compute_dtype
 from .lora import add_adapters, export_lora, lora_parameters
 from .models import load_models, module_weights

@@ -8,10 +8,16 @@ with MindONE's flags, on PyTorch (--backend cuda) or MindSpore (--backend ascend
 """
 from __future__ import annotations
 
-import _eval_args as ea
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  (repository root on sys.path)
+
+from common.evaluation import arguments as ea  # noqa: E402
 from common.cli import run_cli
-from common.eval_models import load_clip_source
-from common.evaluation import load_clip_encoder, CLIP_MEAN, CLIP_STD
+from common.evaluation.models import load_clip_source
+from common.evaluation.scores import load_clip_encoder, CLIP_MEAN, CLIP_STD
 
 
 def build_parser():

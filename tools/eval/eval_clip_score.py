@@ -12,11 +12,17 @@ DreamBooth paper reports it) and x100 (MindONE's number), plus torchmetrics' var
 """
 from __future__ import annotations
 
-import _eval_args as ea
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  (repository root on sys.path)
+
+from common.evaluation import arguments as ea  # noqa: E402
 from common.cli import run_cli
-from common.eval_models import load_clip_source
-from common.evaluation import (check_images, evaluate_clip_t, list_eval_images, load_clip_encoder, prompt_index,
-                               read_prompts)
+from common.evaluation.models import load_clip_source
+from common.evaluation.scores import (check_images, evaluate_clip_t, list_eval_images, load_clip_encoder, prompt_index,
+                                      read_prompts)
 
 
 def build_parser():

@@ -11,10 +11,16 @@ vit_small_patch16_224 state dict, .safetensors, or a MindSpore .ckpt of the same
 """
 from __future__ import annotations
 
-import _eval_args as ea
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  (repository root on sys.path)
+
+from common.evaluation import arguments as ea  # noqa: E402
 from common.cli import run_cli
-from common.eval_models import DEFAULT_DINO, load_dino_source
-from common.evaluation import load_dino_encoder, IMAGENET_MEAN, IMAGENET_STD
+from common.evaluation.models import DEFAULT_DINO, load_dino_source
+from common.evaluation.scores import load_dino_encoder, IMAGENET_MEAN, IMAGENET_STD
 
 
 def build_parser():

@@ -17,13 +17,19 @@ Writes <output_path>/results.json, <output_path>/report.md and <output_path>/gri
 """
 from __future__ import annotations
 
-import _eval_args as ea
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  (repository root on sys.path)
+
+from common.evaluation import arguments as ea  # noqa: E402
 from common.cli import check_output_dir, run_cli
 from common.config import add_bool
-from common.eval_models import DEFAULT_DINO, load_clip_source, load_dino_source
-from common.evaluation import (DEFINITIONS, PREPROCESS_HELP, check_images, describe_encoder, evaluate_dreambooth,
-                               list_eval_images, load_clip_encoder, load_dino_encoder, prompt_groups,
-                               write_dreambooth_report)
+from common.evaluation.models import DEFAULT_DINO, load_clip_source, load_dino_source
+from common.evaluation.scores import (DEFINITIONS, PREPROCESS_HELP, check_images, describe_encoder, evaluate_dreambooth,
+                                      list_eval_images, load_clip_encoder, load_dino_encoder, prompt_groups,
+                                      write_dreambooth_report)
 
 
 def build_parser():

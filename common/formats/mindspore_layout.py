@@ -49,12 +49,12 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import keymap
-from .arch import ModelArch
-from .checkpoint_io import BF16, cast_array
-from .errors import UserError
-from .keymap import CLIP_PREFIX, OPENCLIP_PREFIX, PARTS, UNET_PREFIX, Entry, Shape
-from .lora import UNET_TARGETS, LoraPair, LoraSet, lora_targets
+from common.formats import keymap
+from common.arch import ModelArch
+from common.formats.checkpoint_io import BF16, cast_array
+from common.errors import UserError
+from common.formats.keymap import CLIP_PREFIX, OPENCLIP_PREFIX, PARTS, UNET_PREFIX, Entry, Shape
+from common.formats.lora import UNET_TARGETS, LoraPair, LoraSet, lora_targets
 
 MS_TEXT_PREFIX = "cond_stage_model.transformer."
 LORA_RANK_KEY = "lora_rank"
@@ -310,7 +310,7 @@ def mindspore_to_ldm(sd: Mapping[str, np.ndarray], arch: ModelArch,
 
 @functools.lru_cache(maxsize=32)
 def lora_modules(arch: ModelArch) -> Dict[str, Tuple[str, ...]]:
-    """MindONE LoRA module path -> the LoRA targets (common.lora) it covers: one per UNet
+    """MindONE LoRA module path -> the LoRA targets (common.formats.lora) it covers: one per UNet
     attention projection; three (q, k, v) for a text encoder's fused in_proj."""
     out: Dict[str, Tuple[str, ...]] = {}
     for e in keymap.iter_entries(arch, ("unet",)):

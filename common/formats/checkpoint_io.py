@@ -21,7 +21,7 @@ bfloat16: numpy has no such type. By default bf16 tensors are widened to float32
 `keep_bf16=True` they stay 2 bytes wide as arrays of the structured dtype `BF16` (the raw bits
 under the field "bf16"), which writers store as bf16 again; `cast_array` converts.
 
-PyTorch pickles are read without torch by `common.torch_pickle`, whose unpickler builds nothing but
+PyTorch pickles are read without torch by `common.formats.torch_pickle`, whose unpickler builds nothing but
 tensors and plain data, so a file that would run code is refused, never executed; only writing
 them needs torch. Writes go to a temporary file next to the target, are fsynced and renamed over
 it; an existing target needs `overwrite`.
@@ -37,8 +37,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import UserError
+from common.atomic import atomic_path
+from common.errors import UserError
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -144,7 +144,7 @@ def is_diffusers_folder(path: str) -> bool:
 
 def checkpoint_format(path: str) -> str:
     """What `path` holds: "diffusers" (a folder), "safetensors", "torch" or "mindspore".
-    The names of a "mindspore" file are MindONE's layout (see common.mindspore_layout)."""
+    The names of a "mindspore" file are MindONE's layout (see common.formats.mindspore_layout)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         if is_diffusers_folder(path):
@@ -227,7 +227,7 @@ def _load_safetensors(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
 
 
 def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
-    """A PyTorch pickle (zip or legacy) read by common.torch_pickle, never by torch: no torch
+    """A PyTorch pickle (zip or legacy) read by common.formats.torch_pickle, never by torch: no torch
     needed (Ascend installs), no code from the file run, storages memory-mapped. Measured against
     torch.load(weights_only=True, mmap=True) on a 519 MB fp16 file of 1231 tensors: zip 0.05 s vs
     0.1 s with torch already imported (same peak RSS), 0.2 s / 115 MB peak RSS vs 2 s / 786 MB in a
@@ -235,7 +235,7 @@ def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
 
     The one place a pickle's object becomes a state dict: {"state_dict": ...} wrappers are
     unwrapped (repeatedly), entries that are not named tensors (epoch, global_step, ...) dropped."""
-    from .torch_pickle import UnsafePickleError, load_torch_file
+    from common.formats.torch_pickle import UnsafePickleError, load_torch_file
     try:
         obj = load_torch_file(path)
     except UnsafePickleError as e:
@@ -609,7 +609,7 @@ def folder_prediction_type(path: str) -> Optional[str]:
 
 
 def _diffusers_configs(arch, parts: Mapping[str, Mapping[str, Any]]) -> Dict[str, dict]:
-    from . import keymap
+    from common.formats import keymap
 
     def torch_dtype(tensors):
         floats = [dtype_name(x) for x in tensors.values() if is_float(x)]
@@ -672,30 +672,3 @@ def save_diffusers_folder(path: str, parts: Mapping[str, Mapping[str, Any]], arc
                 json.dump(cfg, f, indent=2)
         with open(os.path.join(tmp, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
-
-
-# --------------------------------------------------------------------------- any source
-
-def load_model_weights(path: str, arch, *, ema: bool = False, keep_bf16: bool = False,
-                       parts=None) -> Dict[str, np.ndarray]:
-    """Weights in the original single-file layout from any supported source: an original-layout
-    .safetensors / torch pickle, a MindONE MindSpore .ckpt, or a diffusers folder. Only known
-    tensors are returned (buffers dropped); `ema` takes the UNet from model_ema.*; `parts`
-    (default: whichever the source has) limits the parts. Unknown or missing tensors raise
-    UserError listing them."""
-    from . import keymap, mindspore_layout
-
-    kind = checkpoint_format(path)
-    if kind == "diffusers":
-        if ema:
-            raise UserError(f"{path}: a diffusers folder has no EMA weights to choose")
-        comps = load_diffusers_folder(path, keep_bf16=keep_bf16)
-        if parts is not None:
-            comps = {c: v for c, v in comps.items() if c in parts or c == "extras"}
-        return keymap.diffusers_to_ldm(comps, arch)
-    sd = load_state_dict(path, keep_bf16=keep_bf16)
-    if kind == "mindspore":
-        if ema:
-            raise UserError(f"{path}: MindONE checkpoints hold no separate EMA weights")
-        return mindspore_layout.mindspore_to_ldm(sd, arch, parts=parts)
-    return mindspore_layout.canonical_ldm(sd, arch, parts=parts, ema=ema)

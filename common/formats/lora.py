@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 
-from .arch import ModelArch
-from .errors import UserError
-from .rng import Streams
+from common.arch import ModelArch
+from common.errors import UserError
+from common.rng import Streams
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
-MINDSPORE_WEIGHT_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout (common.mindspore_layout)
+MINDSPORE_WEIGHT_NAME = "lora_mindspore.ckpt"   # MindONE's LoRA layout (common.formats.mindspore_layout)
 
 
 @dataclass
@@ -208,46 +208,3 @@ def select(lora: LoraSet, unet: bool, text_encoder: bool) -> LoraSet:
 
 def components(lora: LoraSet) -> Iterable[str]:
     return sorted({t.split(":", 1)[0] for t in lora})
-
-
-def check_base_model(metadata: Dict[str, str], arch: ModelArch, path: str) -> None:
-    """A LoRA whose metadata names another base model than `arch` is a one-line error."""
-    names = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-    wanted = base_model_version(metadata)
-    if wanted is not None and wanted != arch.version:
-        raise UserError(f"LoRA {path} was trained for {names[wanted]} (its metadata says so) but "
-                        f"{arch.path} is {names[arch.version]}: use a LoRA for this model or the "
-                        f"matching --config")
-
-
-def load_lora_file(path: str, arch: ModelArch) -> LoraSet:
-    """A LoRA from a file in any supported format (diffusers, kohya, PEFT, MindONE's MindSpore
-    .ckpt), or from a training checkpoint folder."""
-    import os
-
-    from .checkpoint_io import load_state_dict, safetensors_metadata
-    from .mindspore_layout import is_mindspore_lora, lora_from_mindspore
-
-    if os.path.isdir(path):
-        names = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, MINDSPORE_WEIGHT_NAME)
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            raise UserError(f"no {', '.join(names)} in LoRA folder {path}")
-        path = found[0]
-    check_base_model(safetensors_metadata(path), arch, path)
-    sd = load_state_dict(path)
-    return lora_from_mindspore(sd, arch) if is_mindspore_lora(sd) else from_state_dict(sd, arch)
-
-
-def base_model_version(metadata: Dict[str, str]) -> Optional[str]:
-    """"sd1", "sd2" or "sdxl" as a kohya LoRA's metadata states it (ss_base_model_version, else
-    ss_v2), or None when it does not say."""
-    version = metadata.get("ss_base_model_version", "").lower()
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith(("sd_v1", "sd_1")):
-        return "sd1"
-    if version.startswith(("sd_v2", "sd_2")):
-        return "sd2"
-    v2 = metadata.get("ss_v2", "").lower()
-    return {"true": "sd2", "false": "sd1"}.get(v2)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from .config import (UserArgumentParser, add_bool, backend_name, count, non_negative, positive,
-                     ranged, parse_with_config)
-from .errors import UserError
+from common.config import (UserArgumentParser, add_bool, backend_name, count, non_negative, positive,
+                           ranged, parse_with_config)
+from common.errors import UserError
 
 TRAIN_DESCRIPTION = """\
 Fine-tune Stable Diffusion 1.x/2.x on a few images of a subject: vanilla fine-tuning

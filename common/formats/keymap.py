@@ -17,8 +17,8 @@ from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from .arch import ModelArch, UNetArch, VAEArch
-from .errors import UserError
+from common.arch import ModelArch, UNetArch, VAEArch
+from common.errors import UserError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -2,7 +2,7 @@
 
 After decoding (and after the watermark), images a checker flags as NSFW are replaced by black
 images and NSFW_MESSAGE is logged, as MindONE does. The CLIP image embedding comes from the chosen
-backend's evaluation encoder (`common.evaluation.load_clip_encoder`); the safety heads below are
+backend's evaluation encoder (`common.evaluation.scores.load_clip_encoder`); the safety heads below are
 numpy. Weights are read from local files only: nothing is ever downloaded.
 
 `--safety_version 1`: the diffusers/CompVis Stable Diffusion safety checker
@@ -51,11 +51,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .checkpoint_io import load_state_dict
-from .errors import UserError
-from .eval_models import (HF_WEIGHT_FILES, ClipArch, ClipSource, read_config_file, canonical_clip_weights,
-                          clip_arch_from_dict, clip_parameter_shapes, load_clip_source)
-from .evaluation import CLIP_MEAN, CLIP_STD, l2_normalize, load_clip_encoder, resize_center_crop
+from common.formats.checkpoint_io import load_state_dict
+from common.errors import UserError
+from common.evaluation.models import (HF_WEIGHT_FILES, ClipArch, ClipSource, read_config_file, canonical_clip_weights,
+                                      clip_arch_from_dict, clip_parameter_shapes, load_clip_source)
+from common.evaluation.scores import CLIP_MEAN, CLIP_STD, l2_normalize, load_clip_encoder, resize_center_crop
 
 logger = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import yaml
 
-from .checkpoint_io import checkpoint_format, load_state_dict
-from .errors import UserError
+from common.formats.checkpoint_io import checkpoint_format, load_state_dict
+from common.errors import UserError
 
 logger = logging.getLogger(__name__)
 

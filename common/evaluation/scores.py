@@ -34,11 +34,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import BACKEND_ALIASES
-from .data import IMAGE_EXTENSIONS, to_rgb
-from .atomic import atomic_path
-from .errors import UserError
-from .images import make_grid, save_png
+from common.config import BACKEND_ALIASES
+from common.images import IMAGE_EXTENSIONS, to_rgb
+from common.atomic import atomic_path
+from common.errors import UserError
+from common.images import make_grid, save_png
 
 logger = logging.getLogger(__name__)
 
@@ -219,12 +219,12 @@ def _backend_module(backend: str):
 
 
 def load_clip_encoder(backend: str, source):
-    """The backend's CLIP encoder for a `common.eval_models.ClipSource`."""
+    """The backend's CLIP encoder for a `common.evaluation.models.ClipSource`."""
     return _backend_module(backend).ClipEncoder(source)
 
 
 def load_dino_encoder(backend: str, source):
-    """The backend's DINO encoder for a `common.eval_models.DinoSource`."""
+    """The backend's DINO encoder for a `common.evaluation.models.DinoSource`."""
     return _backend_module(backend).DinoEncoder(source)
 
 

@@ -8,11 +8,11 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from .arch import ModelArch
-from .images import to_uint8
-from .rng import Streams
-from .samplers import denoise, guided, make_sampler
-from .schedule import NoiseSchedule
+from common.arch import ModelArch
+from common.images import to_uint8
+from common.rng import Streams
+from common.diffusion.samplers import denoise, guided, make_sampler
+from common.diffusion.schedule import NoiseSchedule
 
 
 @dataclass

@@ -8,9 +8,9 @@ import os
 
 from tqdm.auto import tqdm
 
-from .data import count_images
-from .generate import SampleSettings, text_to_image
-from .images import next_index, save_images
+from common.training.data import count_images
+from common.diffusion.generate import SampleSettings, text_to_image
+from common.images import next_index, save_images
 
 log = logging.getLogger("train")
 

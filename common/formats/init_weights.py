@@ -9,9 +9,9 @@ from typing import Dict, Iterable, Optional
 
 import numpy as np
 
-from . import keymap
-from .arch import ModelArch
-from .rng import Streams
+from common.formats import keymap
+from common.arch import ModelArch
+from common.rng import Streams
 
 _EMBEDDINGS = ("token_embedding", "position_embedding", "positional_embedding")
 

@@ -19,21 +19,22 @@ from typing import Dict, List, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint_io, lora as lora_fmt
-from .atomic import atomic_path
-from .arch import ModelArch, load_arch
-from .class_images import ensure_class_images
-from .config import dump_args
-from .cli import check_output_dir
-from .data import DreamBoothDataset, count_images, list_images
-from .errors import UserError
-from .generate import SampleSettings, text_to_image
-from .images import make_grid, save_png
-from .init_weights import random_weights
-from .mindspore_layout import ldm_to_mindspore, lora_to_mindspore
-from .rng import Streams
-from .schedule import NoiseSchedule
-from .tokenizer import tokenizer_for
+from common.formats import checkpoint_io, lora as lora_fmt
+from common.formats import loading
+from common.atomic import atomic_path
+from common.arch import ModelArch, load_arch
+from common.training.class_images import ensure_class_images
+from common.config import dump_args
+from common.cli import check_output_dir
+from common.training.data import DreamBoothDataset, count_images, list_images
+from common.errors import UserError
+from common.diffusion.generate import SampleSettings, text_to_image
+from common.images import make_grid, save_png
+from common.formats.init_weights import random_weights
+from common.formats.mindspore_layout import ldm_to_mindspore, lora_to_mindspore
+from common.rng import Streams
+from common.diffusion.schedule import NoiseSchedule
+from common.tokenizer import tokenizer_for
 
 log = logging.getLogger("train")
 
@@ -209,7 +210,7 @@ def load_base_weights(args, arch: ModelArch) -> Dict[str, np.ndarray]:
     if not args.pretrained_model_path:
         raise UserError("--pretrained_model_path is required (an original-layout .safetensors/.ckpt, "
                         "a MindONE .ckpt or a diffusers folder; make a tiny one with tools/make_tiny_model.py)")
-    weights = checkpoint_io.load_model_weights(args.pretrained_model_path, arch)
+    weights = loading.load_model_weights(args.pretrained_model_path, arch)
     if args.unet_initialize_random:
         weights = {k: v for k, v in weights.items() if not k.startswith("model.diffusion_model.")}
         weights.update(random_weights(arch, args.seed, prefixes=("model.diffusion_model.",)))

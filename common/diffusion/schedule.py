@@ -10,8 +10,8 @@ from typing import Tuple
 
 import numpy as np
 
-from .arch import ScheduleArch
-from .errors import UserError
+from common.arch import ScheduleArch
+from common.errors import UserError
 
 # Names the yaml may use for SD's schedule: LDM calls it "linear", diffusers "scaled_linear".
 _SCALED_LINEAR = ("linear", "scaled_linear")

@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import textwrap
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _path  # noqa: F401,E402  (repository root on sys.path)
-
-from common.config import UserArgumentParser, add_bool, backend_name, count  # noqa: E402
-from common.cli import check_output_file  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.evaluation import DEFINITIONS, PREPROCESS_HELP  # noqa: E402
+from common.config import UserArgumentParser, add_bool, backend_name, count
+from common.cli import check_output_file
+from common.errors import UserError
+from common.evaluation.scores import DEFINITIONS, PREPROCESS_HELP
 
 WEIGHTS_HELP = ("Weights come only from local files, never downloaded: a state dict saved with "
                 "torch.save (.pt/.pth/.bin/.ckpt), a .safetensors file, an open_clip training "
@@ -81,7 +76,7 @@ def clip_tokenizer(source, vocab_path):
 
 def save_scores(args, metric: str, result: dict, encoder, source, **extra) -> None:
     """Write a score's JSON (with the per-image values, model, definitions and preprocessing)."""
-    from common.evaluation import describe_encoder, write_json
+    from common.evaluation.scores import describe_encoder, write_json
     per_image = result.pop("per_image")
     write_json(args.result_path, {"metric": metric, "scores": result, **extra, "per_image": per_image,
                                   "model": describe_encoder(encoder, source), "definitions": DEFINITIONS,
@@ -91,7 +86,7 @@ def save_scores(args, metric: str, result: dict, encoder, source, **extra) -> No
 
 def pairwise_main(args, metric: str, label: str, load_source, load_encoder, mean, std) -> int:
     """CLIP-I and DINO: every generated image against every real image, printed and saved."""
-    from common.evaluation import check_images, evaluate_pairwise, list_eval_images
+    from common.evaluation.scores import check_images, evaluate_pairwise, list_eval_images
     gen = list_eval_images(args.gen_image_path_or_dir, "generated")
     real = list_eval_images(args.real_image_path_or_dir, "real")
     check_images(gen + real)  # every input is checked before a framework or model is loaded

@@ -18,8 +18,8 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from .errors import UserError
-from .schedule import NoiseSchedule
+from common.errors import UserError
+from common.diffusion.schedule import NoiseSchedule
 
 SAMPLERS = ("ddim", "plms", "dpm_solver_pp", "euler", "euler_ancestral", "unipc")
 
