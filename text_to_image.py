@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="accepted for MindONE compatibility: sampling runs on one device (start one process per device "
                   "with its own --seed/--output_path to sample in parallel)")
     a("--device_target", default=None, help="accepted for MindONE compatibility (the backend picks the device)")
-    a("--tokenizer_path", default=None, help="CLIP BPE vocabulary; default: the one inside open_clip")
+    a("--tokenizer_path", default=None, help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz, e.g. MindONE's); default: open_clip's copy when installed, else the vocabulary built into instant-clip-tokenizer")
     a("--log_level", default="INFO", help="logging level")
     return p
 
@@ -126,7 +126,7 @@ def main() -> int:
     from common.errors import UserError
     from common.diffusion.generate import SampleSettings, pad_negatives, text_to_image
     from common.images import make_grid, next_index, save_images, save_png
-    from common.evaluation.safety import check_safety, load_safety_checker
+    from common.evaluation.safety import load_safety_checker
     from common.tokenizer import tokenizer_for
 
     for flag, value in (("--support_long_prompts", args.support_long_prompts), ("--ti_ckpt_path", args.ti_ckpt_path)):
@@ -162,8 +162,9 @@ def main() -> int:
         if ignored:
             log.warning("LoRA layers of %s are not applied (enable with --lora_ft_%s True)",
                         ", ".join(sorted(ignored)), "text_encoder" if "text_encoder" in ignored else "unet")
+    checker = None
     if args.check_safety:          # read the checker's files now: a missing one fails before sampling
-        load_safety_checker(args.backend, args.clip_ckpt_path, args.safety_version, args.nsfw_ckpt_path)
+        checker = load_safety_checker(args.backend, args.clip_ckpt_path, args.safety_version, args.nsfw_ckpt_path)
     weights = load_model_weights(args.ckpt_path, arch)
     backend = load_backend(args.backend)
     kwargs = {"mode": args.ms_mode, "jit_level": args.jit_level} if args.backend == "ascend" else {}
@@ -183,8 +184,8 @@ def main() -> int:
             with_mark = [watermark.embed(img) for img in batch]
             marked += sum(m is not None for m in with_mark)
             batch = np.stack([img if m is None else m for img, m in zip(batch, with_mark)])
-        if args.check_safety:      # after the watermark, as MindONE does
-            batch, _ = check_safety(batch, args.backend, args.clip_ckpt_path, args.safety_version, args.nsfw_ckpt_path)
+        if checker is not None:    # after the watermark, as MindONE does
+            batch, _ = checker(batch)
         all_images.extend(batch)
         if not args.skip_save:
             written += save_images(batch, samples_dir, start + len(written))

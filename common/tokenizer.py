@@ -90,7 +90,7 @@ def resolve_vocab_path(vocab_path: Optional[str] = None) -> Optional[str]:
         path = os.path.join(path, VOCAB_FILENAME)
     if not os.path.isfile(path):
         raise UserError(f"CLIP vocabulary not found: {path} (pass the path of {VOCAB_FILENAME}, "
-                        f"or install open_clip_torch and omit the path)")
+                        f"or omit the path to use open_clip's or instant-clip-tokenizer's)")
     return path
 
 

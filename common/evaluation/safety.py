@@ -55,7 +55,7 @@ from common.formats.checkpoint_io import load_state_dict
 from common.errors import UserError
 from common.evaluation.models import (HF_WEIGHT_FILES, ClipArch, ClipSource, read_config_file, canonical_clip_weights,
                                       clip_arch_from_dict, clip_parameter_shapes, load_clip_source)
-from common.evaluation.scores import CLIP_MEAN, CLIP_STD, l2_normalize, load_clip_encoder, resize_center_crop
+from common.evaluation.scores import image_pixels, l2_normalize, load_clip_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -295,11 +295,7 @@ def load_nsfw_clip(path: Optional[str], model_name: Optional[str] = None, config
 def clip_pixels(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     """float32 [N, 3, size, size] CLIP input of uint8 HWC RGB images: shorter side to `size`
     (bicubic), centre crop, CLIP mean/std (what CLIPImageProcessor does for the diffusers checker)."""
-    out = []
-    for image in images:
-        x = np.asarray(resize_center_crop(Image.fromarray(np.asarray(image, np.uint8)), size), np.float32) / 255.0
-        out.append(((x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)).transpose(2, 0, 1))
-    return np.ascontiguousarray(np.stack(out))
+    return np.stack([image_pixels(Image.fromarray(np.asarray(image, np.uint8)), size) for image in images])
 
 
 class SafetyChecker:

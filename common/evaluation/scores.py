@@ -122,11 +122,16 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def preprocess_image(path: str, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """float32 [3, size, size]: see PREPROCESS_HELP."""
-    x = np.asarray(resize_center_crop(open_rgb(path), size), np.float32) / 255.0
+def image_pixels(im: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """float32 [3, size, size] of an RGB image: see PREPROCESS_HELP."""
+    x = np.asarray(resize_center_crop(im, size), np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_image(path: str, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """float32 [3, size, size] of the image file at `path`: see PREPROCESS_HELP."""
+    return image_pixels(open_rgb(path), size, mean, std)
 
 
 # --------------------------------------------------------------------------- prompts

@@ -39,12 +39,11 @@ import numpy as np
 
 from common.atomic import atomic_path
 from common.errors import UserError
+from common.formats.torch_pickle import BF16, UnsafePickleError, load_torch_file  # BF16: bfloat16 as raw bits
 
 SAFETENSORS_EXT = (".safetensors",)
 TORCH_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
-# bfloat16 kept as raw bits (see module docstring).
-BF16 = np.dtype([("bf16", "<u2")])
 DTYPES = ("fp16", "fp32", "bf16")
 
 _ST_CODES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
@@ -235,7 +234,6 @@ def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
 
     The one place a pickle's object becomes a state dict: {"state_dict": ...} wrappers are
     unwrapped (repeatedly), entries that are not named tensors (epoch, global_step, ...) dropped."""
-    from common.formats.torch_pickle import UnsafePickleError, load_torch_file
     try:
         obj = load_torch_file(path)
     except UnsafePickleError as e:
@@ -248,10 +246,8 @@ def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    # bf16 arrives as BF16 bits; widening to float32 is exact (torch's .float() gives the same).
-    # Flattened first: in _bf16_to_f32, `<<` on a 0-d array gives a numpy scalar that cannot .view
-    widen = lambda x: _bf16_to_f32(x.reshape(-1)).reshape(x.shape)
-    return {key: x if keep_bf16 or x.dtype != BF16 else widen(x)
+    # bf16 arrives as BF16 bits; widening to float32 is exact (torch's .float() gives the same)
+    return {key: x if keep_bf16 or x.dtype != BF16 else _bf16_to_f32(x)
             for key, x in obj.items() if isinstance(key, str) and isinstance(x, np.ndarray)}
 
 

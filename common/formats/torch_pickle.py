@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
-# bfloat16 as raw bits: the same dtype as common.formats.checkpoint_io.BF16 (numpy compares by structure).
+# bfloat16 kept as its raw bits (numpy has no bfloat16); checkpoint_io and every reader share it.
 BF16 = np.dtype([("bf16", "<u2")])
 
 _MAGIC = 0x1950A86A20F9469CFC6C        # the legacy format's first pickle

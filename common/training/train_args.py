@@ -62,7 +62,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     add_bool(g, "--center_crop", default=None, help="diffusers spelling: True means --random_crop False")
     g.add_argument("--image_size", "--resolution", type=count, default=512, help="training resolution in pixels")
     g.add_argument("--tokenizer_path", default=None,
-                   help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); default: the one inside open_clip")
+                   help="CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz, e.g. MindONE's); default: open_clip's copy when installed, else the vocabulary built into instant-clip-tokenizer")
 
     g = p.add_argument_group("method")
     add_bool(g, "--with_prior_preservation", default=True,

@@ -39,6 +39,7 @@ from common.tokenizer import tokenizer_for
 log = logging.getLogger("train")
 
 STATE_NAME = "train_state"
+LEGACY_STATE = STATE_NAME + ".pt"          # the one state file of runs saved before per-step states
 _CKPT_RE = re.compile(r"^(?:sd|lora)-(\d+)(?:\.safetensors|\.ckpt)?$")
 _STATE_RE = re.compile(rf"^{STATE_NAME}(?:-\d+)?\.pt$")
 
@@ -101,7 +102,6 @@ class RunFolder:
     def __init__(self, root: str):
         self.root = root
         self.ckpt = os.path.join(root, "ckpt")
-        self.state = os.path.join(self.ckpt, STATE_NAME + ".pt")
         self.state_meta = os.path.join(self.ckpt, STATE_NAME + ".json")
         self.loss_log = os.path.join(root, "loss.csv")
         self.validation = os.path.join(root, "validation")
@@ -153,10 +153,7 @@ class RunFolder:
             for path in self.checkpoints() + self.state_files():
                 _remove(path)
             return
-        keep = meta.get("state", STATE_NAME + ".pt")
-        for path in self.state_files():
-            if os.path.basename(path) != keep:
-                _remove(path)
+        self.remove_states_except(meta.get("state", LEGACY_STATE))
         for path in self.checkpoints():
             if int(_CKPT_RE.match(os.path.basename(path)).group(1)) > int(meta["step"]):
                 _remove(path)
@@ -166,8 +163,11 @@ class RunFolder:
         one atomic rename that makes them the unit --resume continues from."""
         with atomic_path(self.state_meta) as tmp, open(tmp, "w") as f:
             json.dump({"step": step, "micro_step": micro, "checkpoint": checkpoint, "state": state}, f)
+        self.remove_states_except(state)
+
+    def remove_states_except(self, name: str) -> None:
         for path in self.state_files():
-            if os.path.basename(path) != state:
+            if os.path.basename(path) != name:
                 _remove(path)
 
     def truncate_loss_log(self, step: int) -> None:
@@ -355,17 +355,16 @@ def resume_state(folder: RunFolder, trainer, resume: str):
     if resume != "latest":
         if not (os.path.isfile(resume) and resume.endswith(".json")):
             raise UserError(f"--resume takes 'latest' or a train_state.json file, got {resume}")
-        folder.state_meta, folder.state = resume, resume[:-5] + ".pt"
-    if not os.path.exists(folder.state_meta):
+        folder.state_meta = resume
+    meta = folder.committed()
+    if meta is None:
         if resume == "latest" and os.path.exists(folder.loss_log):
             log.warning("%s: the run was interrupted before its first complete save; starting from step 0",
                         folder.root)
             os.remove(folder.loss_log)
             return 0, 0
         raise UserError(f"nothing to resume in {folder.root}: no {STATE_NAME}.json in {folder.ckpt}")
-    with open(folder.state_meta) as f:
-        meta = json.load(f)
-    state = os.path.join(os.path.dirname(folder.state_meta), meta.get("state", os.path.basename(folder.state)))
+    state = os.path.join(os.path.dirname(folder.state_meta), meta.get("state", LEGACY_STATE))
     if not os.path.exists(state):
         raise UserError(f"cannot resume: {state}, which {folder.state_meta} names, is missing")
     trainer.load_state(state)
