@@ -36,8 +36,8 @@ def add_clip_flags(p: argparse.ArgumentParser, ckpt_flags=("--ckpt_path",)) -> N
                    help="architecture file instead of --model_name: an open_clip model config JSON (or "
                         "the same keys in yaml), a transformers CLIP config.json, or a MindFormers CLIP yaml")
     g.add_argument("--tokenizer_path", default=None,
-                   help="CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz (default: the copy in the "
-                        "installed open_clip package)")
+                   help="CLIP BPE vocabulary bpe_simple_vocab_16e6.txt.gz (default: open_clip's copy when "
+                        "installed, else the vocabulary built into instant-clip-tokenizer)")
 
 
 def add_common_flags(p: argparse.ArgumentParser, result_default: bool) -> None:
