@@ -49,11 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ckpt_path", required=False, default=None,
       help="checkpoint: original-layout .safetensors/.ckpt (civitai, A1111, train_dreambooth.py), "
            "a MindONE MindSpore .ckpt, or a diffusers folder")
-    add_bool(p, "--use_lora", default=False, help="apply a LoRA (--lora_ckpt_path) on top of --ckpt_path")
-    a("--lora_ckpt_path", default=None, help="LoRA file (diffusers, kohya or PEFT format) or a training LoRA folder")
-    add_bool(p, "--lora_ft_unet", default=True, help="apply the LoRA's UNet layers")
-    add_bool(p, "--lora_ft_text_encoder", default=False, help="apply the LoRA's text-encoder layers")
-    a("--lora_scale", type=non_negative, default=1.0, help="multiplier of the LoRA update (0 = off)")
+    add_bool(p, "--use_lora", default=False, help="apply LoRA file(s) (--lora_ckpt_path) on top of --ckpt_path")
+    a("--lora_ckpt_path", nargs="+", default=None, metavar="PATH",
+      help="LoRA file(s), applied in order: kohya/A1111/civitai LoRA, LoCon, LyCORIS LoHa / LoKr / full "
+           "(DoRA too), diffusers or PEFT files, MindONE's MindSpore LoRA .ckpt, or a training LoRA folder")
+    add_bool(p, "--lora_ft_unet", default=True, help="apply the LoRAs' UNet layers")
+    add_bool(p, "--lora_ft_text_encoder", default=None,
+             help="apply the LoRAs' text-encoder layers (default: whatever the files hold, as A1111 and ComfyUI do)")
+    a("--lora_scale", nargs="+", type=non_negative, default=[1.0], metavar="SCALE",
+      help="multiplier of each LoRA's update (0 = off): one for all files, or one per --lora_ckpt_path")
     a("--lora_rank", type=ranged(int, low=1, optional=True), default=None, help="accepted for MindONE compatibility; the rank is read from the file")
     a("--sampler", default=None, choices=SAMPLERS, help="sampler (default dpm_solver_pp, as MindONE)")
     for flag, name in SAMPLER_FLAGS.items():
@@ -87,8 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
       help="--safety_version 2 head: LAION's NSFW MLP (default models/l14_nsfw.safetensors, else "
            "models/l14_nsfw*.ckpt such as MindONE's l14_nsfw-c7c99ae7.ckpt)")
     add_bool(p, "--support_long_prompts", default=False,
-             help="MindONE's long prompts (more than 77 tokens): not supported yet; prompts are truncated")
-    a("--ti_ckpt_path", default=None, help="MindONE's textual-inversion embedding: not supported yet")
+             help="encode prompts longer than the text encoder's 75 tokens in chunks of 75 (each framed to 77 and "
+                  "encoded on its own, the results concatenated; the negative prompt padded to as many chunks), as "
+                  "MindONE and A1111 do. Without it a longer prompt is truncated, with a warning")
+    a("--ti_ckpt_path", nargs="+", default=None, metavar="PATH",
+      help="textual-inversion embedding file(s): A1111/civitai .pt or .safetensors (trigger word: the file name "
+           "without extension), diffusers' learned_embeds.bin/.safetensors or MindONE's textual-inversion .ckpt "
+           "(trigger word: the token stored in the file). The trigger word stands for the embedding in prompts "
+           "and negative prompts, as a whole word in any case")
+    a("--clip_skip", type=ranged(int, low=1, optional=True), default=None, metavar="N",
+      help="condition on the text encoder's N-th layer from the end, then its final layer norm (A1111/kohya "
+           "clip skip: 1 = the model's own layer, 2 = one earlier, usual for anime SD 1.x models). diffusers' "
+           "clip_skip=k is N=k+1. SD 2.x already stops one layer early; N counts from there, as in kohya's "
+           "scripts (A1111 ignores clip skip for SD 2.x). Default: the model's own layer")
     a("--backend", type=backend_name, default="cuda", help="cuda (PyTorch) or ascend (MindSpore)")
     a("--precision", default="auto", help="auto (fp16 on GPU/Ascend, fp32 on CPU), fp32, fp16 or bf16")
     a("--ms_mode", type=int, default=0, choices=(0, 1), help="ascend backend: 0 GRAPH_MODE, 1 PYNATIVE_MODE")
@@ -115,6 +130,27 @@ def read_lines(path: str) -> list:
     return lines
 
 
+def read_loras(args, arch) -> list:
+    """[(adapters, scale)] for --lora_ckpt_path / --lora_scale, limited by --lora_ft_*."""
+    from common.formats import lora as lora_fmt
+    from common.formats.loading import load_lora_file
+
+    out = []
+    for i, path in enumerate(args.lora_ckpt_path):
+        full = load_lora_file(path, arch)
+        text = args.lora_ft_text_encoder is not False
+        lora = lora_fmt.select(full, args.lora_ft_unet, text)
+        ignored = set(lora_fmt.components(full)) - set(lora_fmt.components(lora))
+        if ignored:
+            log.warning("%s: LoRA layers of %s are not applied (--lora_ft_%s False)", path,
+                        ", ".join(sorted(ignored)), "text_encoder" if "text_encoder" in ignored else "unet")
+        scale = args.lora_scale[i % len(args.lora_scale)]
+        log.info("%s: %d %s layers (%s), scale %g", path, len(lora), lora_fmt.kinds(lora),
+                 "/".join(lora_fmt.components(lora)) or "none", scale)
+        out.append((lora, scale))
+    return out
+
+
 def main() -> int:
     args = build_parser().parse_args()
     setup_logging(args.log_level)
@@ -122,21 +158,21 @@ def main() -> int:
     from common.formats import lora as lora_fmt
     from common import watermark
     from common.arch import load_arch
-    from common.formats.loading import load_lora_file, load_model_weights
+    from common.formats.loading import lora_clip_skip, load_model_weights
     from common.errors import UserError
     from common.diffusion.generate import SampleSettings, pad_negatives, text_to_image
     from common.images import make_grid, next_index, save_images, save_png
     from common.evaluation.safety import load_safety_checker
     from common.tokenizer import tokenizer_for
+    from common.formats.embeddings import add_embeddings, read_embeddings
 
-    for flag, value in (("--support_long_prompts", args.support_long_prompts), ("--ti_ckpt_path", args.ti_ckpt_path)):
-        if value:
-            raise UserError(f"{flag} is not supported yet (prompts are cut at 77 tokens; textual inversion comes "
-                            f"with the community-files work)")
     if args.use_lora and not args.lora_ckpt_path:
-        raise UserError("--use_lora True needs --lora_ckpt_path (the LoRA file or training LoRA folder)")
+        raise UserError("--use_lora True needs --lora_ckpt_path (the LoRA file(s) or training LoRA folder)")
     if args.lora_ckpt_path and not args.use_lora:
         raise UserError("--lora_ckpt_path is given but --use_lora is False: add --use_lora True to apply it")
+    if len(args.lora_scale) not in (1, len(args.lora_ckpt_path or ())):
+        raise UserError(f"--lora_scale takes one value, or one per --lora_ckpt_path file "
+                        f"({len(args.lora_ckpt_path or ())}); got {len(args.lora_scale)}")
     if not args.ckpt_path and args.version:
         args.ckpt_path = os.path.join("models", VERSIONS[args.version][0])
         if not os.path.exists(args.ckpt_path):
@@ -145,6 +181,12 @@ def main() -> int:
     if not args.ckpt_path:
         raise UserError("--ckpt_path is required (nothing is downloaded; make a tiny model with tools/make_tiny_model.py)")
     arch = load_arch(args.config or (VERSIONS[args.version][1] if args.version else DEFAULT_CONFIG))
+    clip_skip = args.clip_skip
+    if clip_skip is None and args.use_lora:
+        clip_skip = lora_clip_skip(args.lora_ckpt_path)
+        if clip_skip is not None:
+            log.info("clip skip %d, as the LoRA's metadata (ss_clip_skip) says; --clip_skip overrides it", clip_skip)
+    arch = arch.with_clip_skip(clip_skip)     # None: the model's own layer
     for flag, dim in (("--H", args.H), ("--W", args.W)):
         if dim is not None:
             arch.check_image_size(dim, flag)
@@ -154,21 +196,18 @@ def main() -> int:
     negatives = pad_negatives(prompts, read_lines(args.negative_data_path) if args.negative_data_path else [args.negative_prompt])
     check_output_dir(args.output_path, "--output_path")
     tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
-    lora = None
-    if args.use_lora:              # the LoRA file is small: read it first, so a wrong one fails early
-        full = load_lora_file(args.lora_ckpt_path, arch)
-        lora = lora_fmt.select(full, args.lora_ft_unet, args.lora_ft_text_encoder)
-        ignored = set(lora_fmt.components(full)) - set(lora_fmt.components(lora))
-        if ignored:
-            log.warning("LoRA layers of %s are not applied (enable with --lora_ft_%s True)",
-                        ", ".join(sorted(ignored)), "text_encoder" if "text_encoder" in ignored else "unet")
+    embeddings = read_embeddings(args.ti_ckpt_path or [], arch)     # small files: fail early
+    loras = read_loras(args, arch) if args.use_lora else []    # small files: a wrong one fails early
     checker = None
     if args.check_safety:          # read the checker's files now: a missing one fails before sampling
         checker = load_safety_checker(args.backend, args.clip_ckpt_path, args.safety_version, args.nsfw_ckpt_path)
     weights = load_model_weights(args.ckpt_path, arch)
+    if loras:
+        weights = lora_fmt.merge_loras(weights, arch, loras)
+    arch = add_embeddings(embeddings, weights, arch, tokenizer)
     backend = load_backend(args.backend)
     kwargs = {"mode": args.ms_mode, "jit_level": args.jit_level} if args.backend == "ascend" else {}
-    pipe = backend.Pipeline(arch, weights, precision=args.precision, lora=lora, lora_scale=args.lora_scale, **kwargs)
+    pipe = backend.Pipeline(arch, weights, precision=args.precision, **kwargs)
     del weights
     settings = SampleSettings(sampler=sampler, steps=args.sampling_steps, eta=args.ddim_eta,
                               scale=args.scale if args.scale is not None else (9.0 if arch.version == "sd2" else 7.5),
@@ -179,7 +218,8 @@ def main() -> int:
     all_images, written = [], []
     marked = 0
     for batch in text_to_image(pipe, arch, tokenizer, prompts, negatives, settings, n_samples=args.n_samples,
-                               n_iter=args.n_iter, fixed_code=args.fixed_code):
+                               n_iter=args.n_iter, fixed_code=args.fixed_code,
+                               long_prompts=args.support_long_prompts):
         if args.add_watermark:
             with_mark = [watermark.embed(img) for img in batch]
             marked += sum(m is not None for m in with_mark)

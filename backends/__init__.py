@@ -2,8 +2,10 @@
 
 Both implement the same small interface, which everything in `common/` drives:
 
-- ``Pipeline(arch, weights, precision=..., lora=None, lora_scale=1.0)`` for inference:
-  ``encode_text(ids) -> context``, ``predict(x, t, context) -> model output``,
+- ``Pipeline(arch, weights, precision=...)`` for inference (LoRA files are merged into the
+  weights beforehand, once for both backends: ``common.formats.lora.merge_loras``):
+  ``encode_text(ids [B, 77]) -> context``, ``concat_context(contexts) -> context`` (a long
+  prompt's chunks joined along the sequence axis), ``predict(x, t, context) -> model output``,
   ``decode(latents) -> images in [-1, 1]`` (numpy in, numpy out; the sampler arithmetic and
   classifier-free guidance live in ``common.diffusion.samplers``).
 - ``Trainer(arch, weights, args, lora_init)`` for training: ``train_step(batch, lr, update)``,

@@ -6,7 +6,7 @@ tiny test models and full-size SD 1.x / 2.x go through the same code.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import yaml
@@ -122,6 +122,26 @@ class ModelArch:
         """Image sides must be multiples of this: the VAE's downsampling times the UNet's (each
         UNet level halves the latent and the skip connections must line up again)."""
         return self.vae.downsample_factor * 2 ** (len(self.unet.channel_mult) - 1)
+
+    def with_clip_skip(self, n: Optional[int], source: str = "--clip_skip") -> "ModelArch":
+        """This architecture with the text encoder stopping `n - 1` blocks earlier (A1111 / kohya
+        "clip skip": the output of the n-th block from the end of those the model runs, then the
+        final layer norm; n = 1 or None is the model itself). The skipped blocks stay in checkpoints
+        as optional extras, so weights load and save unchanged. For SD2, which already stops at the
+        penultimate block, n counts from there (as kohya's scripts do). diffusers' `clip_skip=k`
+        is n = k + 1."""
+        if n is None:
+            return self
+        used = self.text.used_layers
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= used:
+            raise UserError(f"{source} {n}: must be an integer from 1 (the model's own layer) to {used} "
+                            f"for {os.path.basename(self.path)}, whose text encoder runs {used} blocks")
+        return self if n == 1 else replace(self, text=replace(self.text, used_layers=used - (n - 1)))
+
+    def with_extra_tokens(self, count: int) -> "ModelArch":
+        """This architecture with `count` more rows in the text encoder's token-embedding table
+        (textual-inversion vectors appended after the CLIP vocabulary)."""
+        return replace(self, text=replace(self.text, vocab_size=self.text.vocab_size + count)) if count else self
 
     def check_image_size(self, pixels: int, flag: str) -> None:
         """One line naming the flag when `pixels` is not a positive multiple of size_multiple."""

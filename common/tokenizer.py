@@ -17,7 +17,7 @@ import html
 import importlib.util
 import os
 import unicodedata
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import regex
@@ -178,6 +178,7 @@ class CLIPTokenizer:
     """CLIP tokenizer producing fixed-length int64 id arrays, as SD's text encoders expect.
 
     `pad_token` is 49407 (<|endoftext|>) for SD 1.x's HF tokenizer and 0 for SD 2.x's OpenCLIP.
+    Trigger words (`add_trigger`, textual inversion) encode to the ids given for them.
     """
 
     def __init__(self, context_length: int = 77, pad_token: int = 49407,
@@ -190,24 +191,56 @@ class CLIPTokenizer:
         self.sot_token = self._vocab.sot
         self.eot_token = self._vocab.eot
         self.vocab_size = self._vocab.size
+        self._triggers: Dict[str, Tuple[int, ...]] = {}
+        self._trigger_re = None
 
-    def encode(self, text: str) -> List[int]:
-        """BPE ids of `text` without SOT/EOT and without truncation."""
+    def add_trigger(self, word: str, ids: Sequence[int]) -> None:
+        """Make `word` encode to `ids` (a textual-inversion embedding's rows) wherever it stands
+        as a whole word. Matching happens on the cleaned text, so it ignores case and repeated
+        whitespace, as A1111's matching of the word's CLIP tokens does."""
+        key = clean_text(word)
+        if not key or not ids:
+            raise UserError(f"trigger word {word!r}: needs a non-empty word and at least one id")
+        self._triggers[key] = tuple(int(i) for i in ids)
+        words = "|".join(regex.escape(k) for k in sorted(self._triggers, key=len, reverse=True))
+        self._trigger_re = regex.compile(rf"(?<![\p{{L}}\p{{N}}])({words})(?![\p{{L}}\p{{N}}])")
+
+    def _bpe_ids(self, cleaned: str) -> List[int]:
         ids: List[int] = []
-        for word in _WORD_RE.findall(clean_text(text)):
+        for word in _WORD_RE.findall(cleaned):
             special = self._vocab.encoder.get(word) if word in (SOT_TEXT, EOT_TEXT) else None
             ids.extend((special,) if special is not None else self._vocab.bpe(word))
         return ids
+
+    def encode_pieces(self, text: str) -> List[Tuple[int, ...]]:
+        """The ids of `encode(text)` grouped: one 1-tuple per BPE token, one tuple per trigger
+        word (its embedding's ids, which long-prompt chunking keeps together)."""
+        cleaned = clean_text(text)
+        if self._trigger_re is None:
+            return [(i,) for i in self._bpe_ids(cleaned)]
+        pieces: List[Tuple[int, ...]] = []
+        for n, part in enumerate(self._trigger_re.split(cleaned)):  # odd parts: trigger words
+            pieces.extend([self._triggers[part]] if n % 2 else [(i,) for i in self._bpe_ids(part)])
+        return pieces
+
+    def encode(self, text: str) -> List[int]:
+        """BPE ids of `text` (trigger words as their ids) without SOT/EOT and without truncation."""
+        return [i for piece in self.encode_pieces(text) for i in piece]
+
+    def frame(self, ids: Sequence[int]) -> np.ndarray:
+        """int64 [context_length]: SOT + ids + EOT + padding (ids must fit: context_length - 2)."""
+        if len(ids) > self.context_length - 2:
+            raise ValueError(f"{len(ids)} ids do not fit between SOT and EOT in {self.context_length}")
+        out = np.full(self.context_length, self.pad_token, dtype=np.int64)
+        out[:len(ids) + 2] = [self.sot_token, *ids, self.eot_token]
+        return out
 
     def __call__(self, texts: Union[str, List[str]]) -> np.ndarray:
         """int64 [N, context_length]: SOT + ids + EOT, truncated keeping EOT last, then padded."""
         if isinstance(texts, str):
             texts = [texts]
-        out = np.full((len(texts), self.context_length), self.pad_token, dtype=np.int64)
-        for row, text in enumerate(texts):
-            ids = [self.sot_token] + self.encode(text)[: self.context_length - 2] + [self.eot_token]
-            out[row, : len(ids)] = ids
-        return out
+        return np.stack([self.frame(self.encode(text)[: self.context_length - 2]) for text in texts]) \
+            if texts else np.zeros((0, self.context_length), np.int64)
 
 
 def tokenizer_for(text_arch, vocab_path: Optional[str] = None) -> CLIPTokenizer:

@@ -361,13 +361,16 @@ def sd1(pairs):
     return pairs[("v1", "eps")]
 
 
+def _torch_merged(p, lora, scale):
+    from backends.cuda.models import load_models
+
+    unet, _, text, _ = load_models(p.arch, lora_fmt.merge_loras(p.sd, p.arch, [(lora, scale)]))
+    return p.torch_outputs(unet, text)
+
+
 @pytest.fixture(scope="module")
 def merged_torch(sd1):
-    from backends.cuda.lora import merge_lora
-
-    unet, text = copy.deepcopy(sd1.unet_t), copy.deepcopy(sd1.text_t)
-    merge_lora(unet, text, _lora(sd1.arch), 0.7)
-    return sd1.torch_outputs(unet, text)
+    return _torch_merged(sd1, _lora(sd1.arch), 0.7)
 
 
 def _fresh(p):
@@ -416,16 +419,36 @@ def test_injected_lora_matches_pytorch_then_folds(sd1, merged_torch):
     assert _max_diff(folded, base + lora[target].delta(0.7)) <= 1e-6
 
 
+def test_injected_locon_on_every_layer_matches_pytorch(sd1):
+    """Trainable LoRA on every Linear and Conv2d (3x3 ResNet convs, 1x1 proj_in, down/upsamplers,
+    text MLP): LoRAConv2d / LoRADense give the merged PyTorch model's outputs, fold exactly."""
+    from backends.ascend import lora as L
+    from test_lora_files import community_lora
+
+    lora = {t: p for t, p in community_lora(sd1.arch, "all").items()}
+    for pair in lora.values():
+        pair.alpha = float(pair.rank)            # one fused in_proj needs equal q/k/v rank and alpha
+    for t in [t for t in lora if ".self_attn." in t and not t.endswith("out_proj")]:
+        lora[t].down, lora[t].up = lora[t].down[:2], lora[t].up[:, :2]
+        lora[t].alpha = 2.0
+    want = _torch_merged(sd1, lora, 0.6)
+    net = _fresh(sd1)
+    injected = L.inject_lora(sd1.arch, net.unet, net.text_encoder, lora, scale=0.6)
+    assert any(isinstance(layer, L.LoRAConv2d) for layer in injected.values())
+    exported = L.export_lora(net.unet, net.text_encoder)
+    assert set(exported) == set(lora)
+    for k, pair in lora.items():
+        np.testing.assert_array_equal(exported[k].down.reshape(pair.down.shape), pair.down)
+    got = run_ms(net, sd1, ("text", "unet"))
+    assert _max_diff(got["text"], want["text"]) <= 1e-4
+    assert _max_diff(got["unet"], want["unet"]) <= 1e-4 * want["unet"].std()
+
+
 def test_merge_and_remove_lora(sd1, merged_torch):
     from backends.ascend import lora as L
     from backends.ascend.models import parameter_shapes
 
     text_lora = lora_fmt.select(_lora(sd1.arch), unet=False, text_encoder=True)
-    net = _fresh(sd1)
-    assert _max_diff(net.text_encoder(ms.Tensor(sd1.ids)).asnumpy(), sd1.ms_outputs()["text"]) == 0.0
-    L.merge_lora(sd1.arch, None, net.text_encoder, text_lora, scale=0.7)     # into a compiled net
-    assert _max_diff(net.text_encoder(ms.Tensor(sd1.ids)).asnumpy(), merged_torch["text"]) <= 1e-4
-
     net = _fresh(sd1)
     base = parameter_shapes(net)
     L.inject_lora(sd1.arch, None, net.text_encoder, text_lora, scale=0.7)
@@ -436,7 +459,7 @@ def test_merge_and_remove_lora(sd1, merged_torch):
     assert _max_diff(net.text_encoder(ms.Tensor(sd1.ids)).asnumpy(), sd1.ms_outputs()["text"]) == 0.0
     with pytest.raises(UserError, match="no unet"):
         L.inject_lora(sd1.arch, None, net.text_encoder, _lora(sd1.arch))
-    with pytest.raises(UserError, match="not a LoRA layer"):
+    with pytest.raises(UserError, match="not a layer of this model"):
         L.layer_of("text_encoder:encoder.layers.9.self_attn.q_proj", sd1.arch)
 
 
@@ -453,3 +476,22 @@ def test_float16_compute_keeps_float32_parameters(sd1):
     want = sd1.ms_outputs()["text"]
     assert got.dtype == np.float32
     assert 0 < _max_diff(got, want) <= 2e-2 * np.abs(want).max()
+
+
+def test_lora_dropout_acts_in_training_only():
+    """--lora_dropout on the MindSpore backend: the LoRA branch's input is dropped while training
+    (peft's lora_dropout), never at inference."""
+    from backends.ascend import lora as L
+    from backends.ascend.layers import Dense
+
+    base = Dense(8, 6)
+    layer = L.LoRADense(base, 2, 2.0, dropout=0.5)
+    rng = np.random.default_rng(0)
+    for p in (base.weight, layer.lora_down.weight, layer.lora_up.weight):
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)))
+    x = ms.Tensor(rng.standard_normal((64, 8)).astype(np.float32))
+    want = x.asnumpy() @ (base.weight.asnumpy() + layer.delta()).T + base.bias.asnumpy()
+    layer.set_train(False)
+    np.testing.assert_allclose(layer(x).asnumpy(), want, rtol=1e-5, atol=1e-5)
+    layer.set_train(True)
+    assert np.abs(layer(x).asnumpy() - want).max() > 1e-2

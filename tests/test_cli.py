@@ -72,10 +72,27 @@ def test_dreambooth_generates_class_images_then_samples(tmp_path, tiny_models):
 
 
 def test_lora_then_sample_with_lora(tmp_path, tiny_models):
+    """LoCon on every layer: kohya's metadata, diffusers loads the file, stacked files add up."""
+    from common.arch import load_arch
+    from common.formats import lora as lora_fmt, loading
+    from common.formats.checkpoint_io import safetensors_metadata
     out = tmp_path / "lora"
     train(out, tiny_models["v1"], TINY["v1"], "--train_config", "configs/train/train_config_dreambooth_lora_v1.yaml",
-          "--with_prior_preservation", "False", "--lora_rank", "4")
+          "--with_prior_preservation", "False", "--lora_rank", "4", "--lora_layers", "all")
     folder = out / "ckpt" / "lora-2"
+    meta = safetensors_metadata(str(folder / "lora_kohya.safetensors"))
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_network_dim"] == "4" and "conv_dim" in meta["ss_network_args"] and meta["ss_v2"] == "False"
+    assert not (folder / lora_fmt.MINDSPORE_WEIGHT_NAME).exists()        # MindONE's format: attention only
+    arch = load_arch(TINY["v1"])
+    weights = load_state_dict(tiny_models["v1"])
+    ours = lora_fmt.merge_loras(weights, arch, [(loading.load_lora_file(str(folder), arch), 1.0)])
+    from test_lora_files import diffusers_pipeline, ours_as_diffusers, torch_state
+    pipe = diffusers_pipeline(arch, weights)
+    pipe.load_lora_weights(str(folder), weight_name=lora_fmt.KOHYA_WEIGHT_NAME)
+    pipe.fuse_lora(lora_scale=1.0)
+    theirs, mine = torch_state(pipe.unet, pipe.text_encoder), ours_as_diffusers(ours, arch)
+    assert max(float(np.abs(theirs[k] - mine[k]).max()) for k in mine) < 1e-6
     kohya = load_state_dict(str(folder / "lora_kohya.safetensors"))
     diffusers = load_state_dict(str(folder / "pytorch_lora_weights.safetensors"))
     assert any(k.startswith("lora_te_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
@@ -83,12 +100,18 @@ def test_lora_then_sample_with_lora(tmp_path, tiny_models):
     assert not any(k.startswith("model.") for k in kohya)       # LoRA checkpoints hold only LoRA tensors
     base = sample(tmp_path / "base", tiny_models["v1"], TINY["v1"], "--sampler", "euler")
     with_lora = sample(tmp_path / "withlora", tiny_models["v1"], TINY["v1"], "--sampler", "euler", "--use_lora", "True",
-                       "--lora_ckpt_path", str(folder), "--lora_ft_text_encoder", "True", "--lora_scale", "50")
+                       "--lora_ckpt_path", str(folder), "--lora_scale", "50")
+    stacked = sample(tmp_path / "stacked", tiny_models["v1"], TINY["v1"], "--sampler", "euler", "--use_lora", "True",
+                     "--lora_ckpt_path", str(folder), str(folder / "lora_kohya.safetensors"), "--lora_scale", "20", "30")
     from PIL import Image
-    a = np.asarray(Image.open(tmp_path / "base" / "samples" / "00000.png"), np.float32)
-    b = np.asarray(Image.open(tmp_path / "withlora" / "samples" / "00000.png"), np.float32)
+    a, b, c = (np.asarray(Image.open(tmp_path / d / "samples" / "00000.png"), np.float32)
+               for d in ("base", "withlora", "stacked"))
     assert np.abs(a - b).mean() > 0.5, "the LoRA changed nothing"
-    assert base.returncode == with_lora.returncode == 0
+    assert np.abs(b - c).mean() < 0.05, "two files at 20 and 30 are one at 50"
+    assert base.returncode == with_lora.returncode == stacked.returncode == 0
+    bad = sample(tmp_path / "bad", tiny_models["v1"], TINY["v1"], "--use_lora", "True", "--lora_ckpt_path",
+                 str(folder), str(folder), "--lora_scale", "1", "2", "3", check=False)
+    assert_one_line_error(bad, "one per --lora_ckpt_path")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -269,9 +269,9 @@ def test_help_explains_every_flag():
 
 def make_lora(arch, rank=4, seed=0):
     rng = np.random.default_rng(seed)
-    return {t: LoraPair(down=rng.standard_normal((rank, i)).astype(np.float32),
-                        up=rng.standard_normal((o, rank)).astype(np.float32), alpha=float(rank))
-            for t, (i, o) in lora_targets(arch, True, True).items()}
+    return {t: LoraPair(down=rng.standard_normal((rank, layer.fan_in)).astype(np.float32),
+                        up=rng.standard_normal((layer.fan_out, rank)).astype(np.float32), alpha=float(rank))
+            for t, layer in lora_targets(arch, True, True).items()}
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -306,7 +306,8 @@ def test_mindone_lora_cli_round_trip_subprocess(tmp_path):
     rng = np.random.default_rng(3)
     ms = {}
     for module, targets in ml.lora_modules(arch).items():
-        i, o = lora_targets(arch, True, True)[targets[0]]
+        layer = lora_targets(arch, True, True)[targets[0]]
+        i, o = layer.fan_in, layer.fan_out
         ms[module + ".lora_down.weight"] = rng.standard_normal((4, i)).astype(np.float16)
         ms[module + ".lora_up.weight"] = rng.standard_normal((o * len(targets), 4)).astype(np.float16)
     ms["lora_rank"] = np.asarray(4, np.int64)

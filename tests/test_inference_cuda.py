@@ -53,59 +53,28 @@ def test_lora_formats_round_trip(tiny_models):
     assert float(kohya[next(k for k in kohya if k.endswith(".alpha"))]) == 2.0
 
 
-@pytest.mark.parametrize("fmt,name", [(lora_fmt.to_diffusers, lora_fmt.DIFFUSERS_WEIGHT_NAME),
-                                      (lora_fmt.to_kohya, lora_fmt.KOHYA_WEIGHT_NAME)])
-def test_diffusers_load_lora_weights_reads_our_files(tmp_path, tiny_models, fmt, name):
-    """diffusers' own loader applies our files exactly as our merge does."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from backends.cuda.lora import merge_lora
-    from backends.cuda.models import load_models
-    arch = load_arch(TINY["v1"])
-    lora = trained_lora(arch)
-    save_state_dict(str(tmp_path / name), fmt(lora), metadata={"format": "pt"})
-    weights = load_state_dict(tiny_models["v1"])
-    unet, vae, text, _ = load_models(arch, weights)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.load_lora_weights(str(tmp_path), weight_name=name)
-    pipe.fuse_lora(lora_scale=0.8)
-    ours_unet, _, ours_text, _ = load_models(arch, weights)
-    merge_lora(ours_unet, ours_text, lora, 0.8)
-    theirs = {**{"u." + k: v for k, v in pipe.unet.state_dict().items() if "lora" not in k},
-              **{"t." + k: v for k, v in pipe.text_encoder.state_dict().items() if "lora" not in k}}
-    mine = {**{"u." + k: v for k, v in ours_unet.state_dict().items()},
-            **{"t." + k: v for k, v in ours_text.state_dict().items()}}
-    theirs = {k.replace(".base_layer", ""): v for k, v in theirs.items()}
-    assert set(theirs) == set(mine)
-    diff = max(float((theirs[k].float() - mine[k].float()).abs().max()) for k in mine)
-    moved = max(float((mine[k].float() - v).abs().max()) for k, v in
-                {**{"u." + k: v for k, v in load_models(arch, weights)[0].state_dict().items()}}.items())
-    assert moved > 1e-3       # the LoRA really changed the UNet
-    assert diff < 1e-6
-
-
 def test_lora_scale_zero_is_the_base_model(tiny_models):
     arch = load_arch(TINY["v1"])
     lora = trained_lora(arch)
-    _, base = pipeline(tiny_models, "v1")
-    _, off = pipeline(tiny_models, "v1", lora=lora, lora_scale=0.0)
-    _, on = pipeline(tiny_models, "v1", lora=lora, lora_scale=1.0)
+    from backends.cuda import Pipeline
+    weights = load_state_dict(tiny_models["v1"])
+    base = Pipeline(arch, weights)
+    off = Pipeline(arch, lora_fmt.merge_loras(weights, arch, [(lora, 0.0)]))
+    on = Pipeline(arch, lora_fmt.merge_loras(weights, arch, [(lora, 1.0)]))
     assert np.array_equal(latents(arch, base, 5, "ddim"), latents(arch, off, 5, "ddim"))
     assert not np.allclose(latents(arch, base, 5, "ddim"), latents(arch, on, 5, "ddim"))
 
 
 def test_lora_for_another_architecture_is_refused(tiny_models):
     from common.errors import UserError
-    lora = trained_lora(load_arch(TINY["v1"]))  # 3 text layers; tiny v2 runs 2
+    lora = trained_lora(load_arch(TINY["v1"]))  # 3 text layers; tiny v2 runs 2 (SD2 skips its last)
     for fmt in (lora_fmt.to_kohya, lora_fmt.to_diffusers):
-        with pytest.raises(UserError, match="does not match a layer"):
-            lora_fmt.from_state_dict(fmt(lora), load_arch(TINY["v2"]))
+        back = lora_fmt.from_state_dict(fmt(lora), load_arch(TINY["v2"]))
+        assert set(lora) - set(back) == {t for t in lora if ".layers.2." in t}      # skipped, noted
     bad = lora_fmt.to_kohya(trained_lora(load_arch(TINY["v1"])))
     key = next(k for k in bad if k.endswith("lora_down.weight"))
     bad[key] = bad[key][:, :-1]
-    with pytest.raises(UserError, match="shapes"):
+    with pytest.raises(UserError, match="do not fit"):
         lora_fmt.from_state_dict(bad, load_arch(TINY["v1"]))
 
 

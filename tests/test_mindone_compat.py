@@ -82,10 +82,25 @@ def test_version_flag_picks_mindones_config_and_checkpoint(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("flag", [("--ti_ckpt_path", "x.ckpt"), ("--support_long_prompts", "True")])
-def test_not_yet_supported_flags_are_one_line(tmp_path, tiny_models, flag):
-    proc = sample(tmp_path, tiny_models["v1"], TINY["v1"], *flag, check=False)
-    assert_one_line_error(proc, flag[0], "not supported yet")
+def test_long_prompts_textual_inversion_and_clip_skip_flags(tmp_path, tiny_models):
+    """MindONE's --support_long_prompts and --ti_ckpt_path, and kohya's --clip_skip, as users type
+    them; without --support_long_prompts a long prompt is cut with one warning naming the flag."""
+    from common.formats.checkpoint_io import save_state_dict
+    emb = str(tmp_path / "sksemb.safetensors")
+    save_state_dict(emb, {"emb_params": np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)})
+    long_prompt = "a photo of SKSEMB robot, " + "very " * 100 + "detailed"
+    small = ("--H", "32", "--W", "32", "--n_samples", "1", "--sampling_steps", "1", "--prompt", long_prompt)
+    proc = sample(tmp_path / "long", tiny_models["v1"], TINY["v1"], *small, "--support_long_prompts", "True",
+                  "--ti_ckpt_path", emb, "--clip_skip", "2", "--negative_prompt", "blurry sksemb")
+    assert (tmp_path / "long" / "samples" / "00000.png").exists()
+    assert "textual inversion: 'sksemb' (2 vectors)" in proc.stderr and "dropped" not in proc.stderr
+    proc = sample(tmp_path / "cut", tiny_models["v1"], TINY["v1"], *small)
+    warnings = [line for line in proc.stderr.splitlines() if "--support_long_prompts" in line]
+    assert len(warnings) == 1 and "the last 34 are dropped" in warnings[0], proc.stderr[-2000:]
+    assert_one_line_error(sample(tmp_path, tiny_models["v1"], TINY["v1"], "--ti_ckpt_path", "x.ckpt", check=False),
+                          "x.ckpt", "not found")
+    assert_one_line_error(sample(tmp_path, tiny_models["v1"], TINY["v1"], "--clip_skip", "4", check=False),
+                          "--clip_skip 4", "1 (the model's own layer) to 3")
 
 
 def test_mindone_flags_grid_and_prompt_file(tmp_path, tiny_models):

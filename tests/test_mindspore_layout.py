@@ -317,7 +317,7 @@ def mindone_lora(arch, rank=4, seed=0, dtype=np.float32, trained=True):
     valid = lora_targets(arch, True, True)
     out = {}
     for module, targets in ml.lora_modules(arch).items():
-        fan_in, fan_out = valid[targets[0]]
+        fan_in, fan_out = valid[targets[0]].fan_in, valid[targets[0]].fan_out
         out[module + ".lora_down.weight"] = (rng.standard_normal((rank, fan_in)) / rank).astype(dtype)
         up = rng.standard_normal((fan_out * len(targets), rank)) if trained else np.zeros((fan_out * len(targets), rank))
         out[module + ".lora_up.weight"] = up.astype(dtype)
@@ -352,7 +352,8 @@ def kohya_lora(arch, ranks, seed=1, alpha=None):
     """Per-projection LoRA with its own downs (what kohya / PEFT train)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for i, (t, (fan_in, fan_out)) in enumerate(sorted(lora_targets(arch, True, True).items())):
+    for i, (t, layer) in enumerate(sorted(lora_targets(arch, True, True).items())):
+        fan_in, fan_out = layer.fan_in, layer.fan_out
         r = ranks(t)
         if r == 0:
             continue

@@ -112,10 +112,8 @@ def weights_of(arch):
 
 
 def initial_lora(arch, args):
-    if not args.use_lora:
-        return None
-    return lora_fmt.init_lora(arch, args.lora_rank, args.lora_alpha, args.seed, unet=args.lora_ft_unet,
-                              text_encoder=args.lora_ft_text_encoder and args.train_text_encoder)
+    from common.training import train_loop
+    return train_loop.initial_lora(args, arch) if args.use_lora else None
 
 
 def trained_values(trainer, args):
@@ -169,11 +167,16 @@ STRUCTURES = {     # name: (version, parameterization, flags)
     "full-unet+text-sd2": ("v2", "eps", ("--train_text_encoder", "True")),
     "lora-unet-sd1-v": ("v1", "v", ("--use_lora", "True", "--lora_rank", "4")),
     "lora-unet+text-sd2": ("v2", "eps", ("--use_lora", "True", "--lora_rank", "4", "--lora_ft_text_encoder", "True")),
+    "lora-kohya-unet+text-sd2": ("v2", "eps", ("--use_lora", "True", "--lora_rank", "4", "--lora_ft_text_encoder",
+                                               "True", "--lora_layers", "kohya")),
+    "locon-all-unet+text-sd1-v": ("v1", "v", ("--use_lora", "True", "--lora_rank", "4", "--lora_ft_text_encoder",
+                                              "True", "--lora_layers", "all")),
 }
+# every structure with and without prior preservation; the wider LoRA target sets once
+CASES = [(s, p) for s in STRUCTURES for p in (False, True) if "kohya" not in s and "all" not in s or not p]
 
 
-@pytest.mark.parametrize("prior", [False, True], ids=["vanilla", "prior"])
-@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("structure,prior", CASES, ids=[f"{s}-{'prior' if p else 'vanilla'}" for s, p in CASES])
 def test_one_step_matches_pytorch(tmp_path, recycler, structure, prior):
     """Two micro-batches accumulated, then the update. The prior-preservation variants add offset
     noise and Min-SNR weights; the SD1 variants predict v."""
@@ -215,6 +218,8 @@ def test_one_step_matches_pytorch(tmp_path, recycler, structure, prior):
     print(f"{structure} {'prior' if prior else 'vanilla'}: loss rel "
           f"{abs(s_ms['loss'] - s_pt['loss']) / s_pt['loss']:.1e}, grad {worst / g_norm:.1e} of norm, "
           f"update {gap / norm(u_pt):.1e} rel")
+    if args.use_lora:          # only adapters train
+        assert all(".lora_" in p.name for p in mt.params) and all(k.endswith((".down", ".up")) for k in pt.trainable)
     if not args.use_lora:      # frozen parts stay put
         exported, text_frozen = mt.export_weights(), not args.train_text_encoder
         for k, v in weights.items():
@@ -435,15 +440,15 @@ def pipelines(tiny_models):
     arch = load_arch(TINY["v2"])
     ms_pipe = ascend.Pipeline(arch, load_state_dict(tiny_models["v2"]))
 
+    def merged(weights, lora):
+        return lora_fmt.merge_loras(weights, arch, [(lora, 1.0)]) if lora else weights
+
     def on_ms(weights, lora=None):
-        from backends.ascend.lora import merge_lora
         from backends.ascend.models import load_original
-        load_original(ms_pipe.net, weights, arch)
-        if lora:
-            merge_lora(arch, ms_pipe.net.unet, ms_pipe.net.text_encoder, lora)
+        load_original(ms_pipe.net, merged(weights, lora), arch)
         return ms_pipe
 
-    return arch, (lambda weights, lora=None: cuda.Pipeline(arch, weights, lora=lora)), on_ms
+    return arch, (lambda weights, lora=None: cuda.Pipeline(arch, merged(weights, lora))), on_ms
 
 
 def sample(pipe, arch):

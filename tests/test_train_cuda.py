@@ -9,7 +9,7 @@ from conftest import SUBJECT, TINY
 from common.arch import load_arch
 from common.formats.checkpoint_io import load_state_dict
 from common.training.data import DreamBoothDataset
-from common.formats.lora import init_lora
+from common.training.train_loop import initial_lora
 from common.diffusion.schedule import NoiseSchedule
 from common.tokenizer import tokenizer_for
 from common.training.train_args import parse_train_args
@@ -41,9 +41,7 @@ def make_trainer(tmp_path, tiny_models, version="v1", *extra):
     from backends.cuda import Trainer
     args = make_args(tmp_path, "--model_config", TINY[version], *extra)
     arch = load_arch(TINY[version])
-    lora = (init_lora(arch, args.lora_rank, args.lora_alpha, args.seed, unet=args.lora_ft_unet,
-                      text_encoder=args.lora_ft_text_encoder and args.train_text_encoder)
-            if args.use_lora else None)
+    lora = initial_lora(args, arch) if args.use_lora else None
     return Trainer(arch, load_state_dict(tiny_models[version]), args, lora), args
 
 
@@ -108,9 +106,10 @@ def _changed(before, after):
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def test_lora_training_changes_only_lora_parameters(tmp_path, tiny_models):
+@pytest.mark.parametrize("layers", ["attention", "kohya", "all"])
+def test_lora_training_changes_only_lora_parameters(tmp_path, tiny_models, layers):
     trainer, args = make_trainer(tmp_path, tiny_models, "v1", "--use_lora", "True", "--lora_ft_text_encoder", "True",
-                                 "--with_prior_preservation", "False")
+                                 "--with_prior_preservation", "False", "--lora_layers", layers)
     _, batch = fixed_batch(args)
     before = _snapshot(trainer)
     for _ in range(2):
@@ -119,7 +118,17 @@ def test_lora_training_changes_only_lora_parameters(tmp_path, tiny_models):
     assert changed and all("lora_" in k for k in changed), sorted(changed)[:5]
     assert any(k.startswith("text.") for k in changed) and any(k.startswith("unet.") for k in changed)
     lora = trainer.export_lora()
-    assert any(np.abs(p.up).max() > 0 for p in lora.values())
+    assert set(lora) == set(initial_lora(args, load_arch(TINY["v1"])))
+    assert all(np.abs(p.up).max() > 0 for p in lora.values())          # every target trains
+    leaves = {t.rsplit(".", 1)[-1] for t in lora}
+    assert ("fc1" in leaves) == (layers != "attention") and ("conv1" in leaves) == (layers == "all")
+
+
+def test_lora_dropout_reaches_the_adapters(tmp_path, tiny_models):
+    trainer, args = make_trainer(tmp_path, tiny_models, "v1", "--use_lora", "True", "--lora_dropout", "0.5",
+                                 "--with_prior_preservation", "False")
+    layer = trainer.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert layer.lora_dropout["default"].p == 0.5
 
 
 @pytest.mark.parametrize("train_text", [False, True])
@@ -207,3 +216,37 @@ def test_learning_rate_schedule(tmp_path):
     assert learning_rate(args, 100) == pytest.approx(0.0)
     constant = make_args(tmp_path, "--start_learning_rate", "2e-6", "--with_prior_preservation", "False")
     assert learning_rate(constant, 0) == learning_rate(constant, 500) == pytest.approx(2e-6)
+
+
+def test_network_weights_start_the_adapters_and_base_weights_merge(tmp_path, tiny_models):
+    """kohya's --network_weights (continue a LoRA) and --base_weights (merge LoRAs first)."""
+    from common.errors import UserError
+    from common.formats import lora as lora_fmt
+    from common.formats.checkpoint_io import save_state_dict
+    from common.training.train_loop import load_base_weights
+    arch = load_arch(TINY["v1"])
+    start = lora_fmt.init_lora(arch, 4, 2.0, 1, unet=True, text_encoder=True, layers="kohya")
+    rng = np.random.default_rng(0)
+    for pair in start.values():
+        pair.up = rng.standard_normal(pair.up.shape).astype(np.float32)
+    path = str(tmp_path / "start.safetensors")
+    save_state_dict(path, lora_fmt.to_kohya(start))
+    common = ("--use_lora", "True", "--lora_ft_text_encoder", "True", "--model_config", TINY["v1"],
+              "--pretrained_model_path", tiny_models["v1"])
+    args = make_args(tmp_path, *common, "--lora_alpha", "2", "--lora_layers", "all", "--network_weights", path)
+    init = initial_lora(args, arch)
+    assert set(start) < set(init)
+    for t, pair in init.items():
+        if t in start:
+            np.testing.assert_array_equal(pair.up.reshape(start[t].up.shape), start[t].up)
+        else:
+            assert not pair.up.any()
+    with pytest.raises(UserError, match="--lora_rank 4 --lora_alpha 2"):
+        initial_lora(make_args(tmp_path, *common, "--lora_rank", "8", "--lora_layers", "all",
+                               "--network_weights", path), arch)
+    with pytest.raises(UserError, match="outside the trained set"):
+        initial_lora(make_args(tmp_path, *common, "--lora_alpha", "2", "--network_weights", path), arch)
+    merged = load_base_weights(make_args(tmp_path, *common, "--base_weights", path, "--base_weights_multiplier",
+                                         "0.5"), arch)
+    want = lora_fmt.merge_loras(load_state_dict(tiny_models["v1"]), arch, [(start, 0.5)])
+    assert all(np.array_equal(merged[k], want[k]) for k in want)

@@ -43,9 +43,13 @@ def test_ascend_paths_without_torch(tmp_path, tiny_models):
     ms_ckpt = tmp_path / "model_ms.ckpt"
     run("tools/model_conversion/convert_weights.py", "-s", str(pickle_ckpt), "-t", str(ms_ckpt),
         "--config", TINY["v1"], "-sv", "pt")
+    # an A1111 textual-inversion .pt (a Parameter inside) is read without torch too
+    embedding = tmp_path / "sksemb.pt"
+    torch.save({"string_to_param": {"*": torch.nn.Parameter(torch.randn(2, 32))}, "name": "sksemb"}, embedding)
     run("text_to_image.py", "--backend", "ascend", "--config", TINY["v1"], "--ckpt_path", str(pickle_ckpt),
-        "--prompt", "a photo of sks robot", "--n_samples", "1", "--n_iter", "1", "--sampling_steps", "2",
-        "--H", "32", "--W", "32", "--ms_mode", "1", "--output_path", str(tmp_path / "samples"))
+        "--prompt", "a photo of sksemb robot" + ", very detailed" * 30, "--n_samples", "1", "--n_iter", "1",
+        "--sampling_steps", "2", "--H", "32", "--W", "32", "--ms_mode", "1", "--output_path", str(tmp_path / "samples"),
+        "--ti_ckpt_path", str(embedding), "--support_long_prompts", "True", "--clip_skip", "2")
     run("train_dreambooth.py", "--backend", "ascend", "--mode", "1", "--model_config", TINY["v1"],
         "--pretrained_model_path", str(ms_ckpt), "--instance_data_dir", SUBJECT,
         "--instance_prompt", "a photo of sks robot", "--image_size", "32", "--train_batch_size", "1",

@@ -10,7 +10,7 @@ Modules (imported on first use, so `import backends.ascend` does not load MindSp
 - text_encoder:  TextTransformer (SD1 CLIP, SD2 OpenCLIP penultimate layer)
 - models:        StableDiffusion (all three under MindONE's names), build_models, load_original,
                  load_mindspore
-- lora:          LoRADense, inject_lora, merge_lora, fold_lora, remove_lora, export_lora
+- lora:          LoRADense, LoRAConv2d, inject_lora, fold_lora, remove_lora, export_lora
 - pipeline:      Pipeline (the backend interface for text_to_image and class images)
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ _EXPORTS = {
     "StableDiffusion": "models", "build_models": "models", "load_original": "models",
     "load_mindspore": "models", "parameter_shapes": "models", "optional_names": "models",
     "UNetModel": "unet", "AutoencoderKL": "vae", "TextTransformer": "text_encoder",
-    "LoRADense": "lora", "inject_lora": "lora", "merge_lora": "lora", "fold_lora": "lora",
+    "LoRADense": "lora", "LoRAConv2d": "lora", "inject_lora": "lora", "fold_lora": "lora",
     "remove_lora": "lora", "export_lora": "lora", "lora_parameters": "lora",
     "Pipeline": "pipeline", "Trainer": "trainer",
 }

@@ -56,9 +56,9 @@ class Conv2d(nn.Conv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, dtype=FP32):
+                 padding: int = 0, dtype=FP32, has_bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
-                         padding=padding, has_bias=True, weight_init="zeros", bias_init="zeros")
+                         padding=padding, has_bias=has_bias, weight_init="zeros", bias_init="zeros")
         self.compute_dtype = compute_dtype(dtype)
         self.use_matmul = ms.get_context("device_target") == "CPU"
         self.pointwise = kernel_size == 1 and stride == 1 and padding == 0
@@ -72,7 +72,7 @@ class Conv2d(nn.Conv2d):
             y = self._matmul_conv(x, w)
         else:
             y = self.conv2d(x, w)
-        return self.bias_add(y, self.bias.astype(self.compute_dtype))
+        return self.bias_add(y, self.bias.astype(self.compute_dtype)) if self.has_bias else y
 
     def _matmul_conv(self, x, w):
         b, c, h, wd = x.shape

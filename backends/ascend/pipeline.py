@@ -5,32 +5,31 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import numpy as np
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from common.arch import ModelArch
-from common.formats.lora import LoraSet
 from .device import compute_dtype, setup
-from .lora import merge_lora
 from .models import build_models, load_original
 
 
 class Pipeline:
     def __init__(self, arch: ModelArch, weights: Optional[Dict[str, np.ndarray]] = None, *,
-                 precision: str = "auto", lora: Optional[LoraSet] = None, lora_scale: float = 1.0,
-                 mode: int = 0, jit_level: Optional[str] = None, net=None):
+                 precision: str = "auto", mode: int = 0, jit_level: Optional[str] = None, net=None):
         self.arch = arch
         self.target = setup(mode, jit_level)
         self.device_name = self.target
         if net is None:
             net = build_models(arch, compute_dtype(precision, self.target))
             load_original(net, weights, arch)
-            if lora:
-                merge_lora(arch, net.unet, net.text_encoder, lora, lora_scale)
         net.set_train(False)
         self.net = net
 
     def encode_text(self, ids: np.ndarray) -> Tensor:
         return self.net.text_encoder(Tensor(np.asarray(ids, np.int32)))
+
+    def concat_context(self, parts) -> Tensor:
+        """Contexts of a long prompt's chunks, joined along the sequence axis."""
+        return ops.concat(list(parts), 1)
 
     def predict(self, x: np.ndarray, t: int, context: Tensor) -> np.ndarray:
         x = np.asarray(x, np.float32)

@@ -35,7 +35,7 @@ from common.errors import UserError
 from common.formats.lora import LoraSet
 from common.formats.mindspore_layout import ldm_to_mindspore, mindspore_to_ldm
 from .device import compute_dtype, setup
-from .lora import export_lora, inject_lora, lora_layers, lora_parameters
+from .lora import base_names, export_lora, inject_lora, lora_parameters, reset_lora
 from .models import build_models, load_original
 from .pipeline import Pipeline
 
@@ -199,7 +199,8 @@ class Trainer:
             p.requires_grad = False
         if args.use_lora:
             # before any wrapper Cell exists: injection changes the network's structure
-            inject_lora(arch, net.unet, net.text_encoder, lora_init, dtype=None if args.lora_fp16 else FP32)
+            inject_lora(arch, net.unet, net.text_encoder, lora_init, dtype=None if args.lora_fp16 else FP32,
+                        dropout=args.lora_dropout)
             params = lora_parameters(net.unet, net.text_encoder)
         else:
             params = list(net.unet.get_parameters())
@@ -243,9 +244,8 @@ class Trainer:
         rebuild = (bool(args.clip_grad), bool(args.use_ema)) != (bool(self.args.clip_grad), bool(self.args.use_ema))
         self.args, self.base_weights = args, weights
         _load_weights(self.net, ldm_to_mindspore(weights, self.arch))
-        for root in (self.net.unet, self.net.text_encoder):
-            for layer in lora_layers(root).values():
-                _set_lora(layer, lora_init)
+        if lora_init:
+            reset_lora(lora_init, self.net.unet, self.net.text_encoder)
         for buffers in (self.grad_step.accum, self.update_step.exp_avg, self.update_step.exp_avg_sq):
             for b in buffers:
                 b.set_data(Tensor(np.zeros(b.shape, np.float32)))
@@ -419,20 +419,19 @@ def setup_key(args, lora_init: Optional[LoraSet]) -> tuple:
     which MindSpore handles by itself): a Trainer can `restart` for any run with the same key."""
     lora = tuple(sorted((t, p.rank, p.alpha) for t, p in lora_init.items())) if args.use_lora and lora_init else ()
     return (bool(args.use_lora), bool(args.train_text_encoder) and not args.use_lora, lora,
-            bool(args.lora_fp16), str(args.mixed_precision), int(args.mode), bool(args.use_parallel),
+            float(args.lora_dropout), bool(args.lora_fp16), str(args.mixed_precision), int(args.mode), bool(args.use_parallel),
             bool(args.gradient_checkpointing))
 
 
 def _load_weights(net: nn.Cell, ms_sd: Dict[str, np.ndarray]) -> None:
     """MindONE-layout weights into a network whose LoRA layers may be injected (their base
-    weights are named `<layer>.linear.*`; adapters are left alone)."""
-    bases = {p.name for root in (net.unet, net.text_encoder) for layer in lora_layers(root).values()
-             for p in layer.linear.get_parameters()}
+    weights are named `<layer>.linear.*` / `<layer>.conv.*`; adapters are left alone)."""
+    bases = {**base_names(net.unet), **base_names(net.text_encoder)}
     adapters = {p.name for p in lora_parameters(net.unet, net.text_encoder)}
     for p in net.get_parameters():
         if p.name in adapters:
             continue
-        key = p.name.replace(".linear.", ".") if p.name in bases else p.name
+        key = bases[p.name][0] if p.name in bases else p.name
         if key not in ms_sd:
             raise UserError(f"weights lack {key}")
         value = np.asarray(ms_sd[key])
@@ -442,35 +441,18 @@ def _load_weights(net: nn.Cell, ms_sd: Dict[str, np.ndarray]) -> None:
         p.set_data(Tensor(value))
 
 
-def _set_lora(layer, lora: LoraSet) -> None:
-    """A LoRADense's adapters from a LoraSet (fused q/k/v parts stacked as inject_lora does)."""
-    rank, o = layer.rank, layer.lora_up.weight.shape[0] // layer.parts
-    downs, ups = [], []
-    for target in layer.targets:
-        pair = lora.get(target) if target else None
-        downs.append(pair.down if pair else np.zeros((rank, layer.lora_down.weight.shape[1]), np.float32))
-        ups.append(pair.up if pair else np.zeros((o, rank), np.float32))
-    layer.lora_down.weight.set_data(Tensor(np.concatenate(downs, 0).astype(np.float32)))
-    layer.lora_up.weight.set_data(Tensor(np.concatenate(ups, 0).astype(np.float32)))
-
-
 def _folded_state(root: nn.Cell) -> Dict[str, np.ndarray]:
     """A component's parameters under MindONE's names, with injected LoRA adapters folded into
     their base weights (`<layer>.linear.weight` -> `<layer>.weight`)."""
-    layers = {layer.linear.weight.name: layer for layer in lora_layers(root).values()}
-    bases = {p.name for layer in lora_layers(root).values() for p in layer.linear.get_parameters()}
+    bases = base_names(root)
     adapters = {p.name for p in lora_parameters(root)}
     out = {}
     for p in root.get_parameters():
         if p.name in adapters:
             continue
         value = p.asnumpy().astype(np.float32)
-        name = p.name
-        if name in bases:
-            name = name.replace(".linear.", ".")
-            if p.name in layers:
-                value = value + layers[p.name].delta()
-        out[name] = value
+        name, layer = bases.get(p.name, (p.name, None))
+        out[name] = value + layer.delta() if layer is not None else value
     return out
 
 

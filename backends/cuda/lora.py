@@ -1,4 +1,5 @@
-"""LoRA on the PyTorch backend: PEFT adapters for training, merged weights for inference.
+"""LoRA training on the PyTorch backend: PEFT adapters on any Linear / Conv2d target. (Inference
+merges LoRA files of any kind into the weights before the model is built: common.formats.lora.merge_loras.)
 
 Adapters are injected with peft's own `inject_adapter_in_model` on the UNet and the text encoder
 alike, not through diffusers' / transformers' `add_adapter` integrations: those gate on their own
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from common.formats.lora import TEXT_TARGETS, UNET_TARGETS, LoraPair, LoraSet
+from common.formats.lora import LoraPair, LoraSet
 from common.errors import UserError
 
 
@@ -30,25 +31,18 @@ def _roots(unet, text_encoder) -> Dict[str, torch.nn.Module]:
     return {"unet": unet, "text_encoder": text_encoder}
 
 
-@torch.no_grad()
-def merge_lora(unet, text_encoder, lora: LoraSet, scale: float) -> None:
-    """W += scale * alpha/rank * up @ down, in place (inference: no extra matmuls per step)."""
+def add_adapters(unet, text_encoder, lora: LoraSet, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    """Attach trainable PEFT adapters to exactly the targets of `lora` (Linear, or Conv2d with a
+    kernel-sized down and a 1x1 up: LoCon) and set them to its (seeded) initial values."""
     roots = _roots(unet, text_encoder)
-    for target, pair in lora.items():
-        component, path = target.split(":", 1)
-        layer = _module(roots[component], path)
-        delta = torch.from_numpy(pair.delta(scale)).to(layer.weight.device, torch.float32)
-        layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
-
-
-def add_adapters(unet, text_encoder, lora: LoraSet, rank: int, alpha: float) -> None:
-    """Attach trainable PEFT adapters and set them to the given (seeded) initial values."""
-    roots = _roots(unet, text_encoder)
-    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
-        if any(t.startswith(component + ":") for t in lora):
+    for component, root in roots.items():
+        paths = sorted(t.split(":", 1)[1] for t in lora if t.startswith(component + ":"))
+        if paths:
+            names = {n for n, _ in root.named_modules()}
+            modules = [p if p in names else "text_model." + p for p in paths]
             # initial values are set below from the shared seeded streams, so peft's own init is moot
-            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                               init_lora_weights="gaussian"), roots[component])
+            inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules,
+                                               lora_dropout=dropout, init_lora_weights="gaussian"), root)
     with torch.no_grad():
         for target, pair in lora.items():
             component, path = target.split(":", 1)

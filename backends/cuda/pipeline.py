@@ -7,23 +7,18 @@ import numpy as np
 import torch
 
 from common.arch import ModelArch
-from common.formats.lora import LoraSet
 from .device import compute_dtype, pick_device
-from .lora import merge_lora
 from .models import load_models
 
 
 class Pipeline:
     def __init__(self, arch: ModelArch, weights: Optional[Dict[str, np.ndarray]] = None, *,
-                 precision: str = "auto", lora: Optional[LoraSet] = None, lora_scale: float = 1.0,
-                 models=None, device: Optional[torch.device] = None):
+                 precision: str = "auto", models=None, device: Optional[torch.device] = None):
         self.arch = arch
         self.device = device or pick_device()
         self.dtype = compute_dtype(precision, self.device)
         if models is None:
             unet, vae, text, _ = load_models(arch, weights)
-            if lora:
-                merge_lora(unet, text, lora, lora_scale)
             models = (unet, vae, text)
             for m in models:
                 m.to(self.device).eval().requires_grad_(False)
@@ -36,6 +31,10 @@ class Pipeline:
     def encode_text(self, ids: np.ndarray) -> torch.Tensor:
         ids = torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
+
+    def concat_context(self, parts) -> torch.Tensor:
+        """Contexts of a long prompt's chunks, joined along the sequence axis."""
+        return torch.cat(list(parts), dim=1)
 
     @torch.no_grad()
     def predict(self, x: np.ndarray, t: int, context: torch.Tensor) -> np.ndarray:

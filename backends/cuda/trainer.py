@@ -47,7 +47,7 @@ class Trainer:
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
         if args.use_lora:
-            add_adapters(self.unet, self.text_encoder, lora_init, args.lora_rank, self.lora_alpha)
+            add_adapters(self.unet, self.text_encoder, lora_init, args.lora_rank, self.lora_alpha, args.lora_dropout)
             params = lora_parameters(self.unet, self.text_encoder, self.lora_targets)
             self.trainable = {k: p for k, p in params.items()}
         else:

@@ -225,6 +225,20 @@ def _load_safetensors(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
                         f"{_first_line(e)}") from None
 
 
+def load_torch_object(path: str) -> Any:
+    """The object a PyTorch pickle holds (dicts, lists, strings, numbers; tensors as numpy arrays,
+    bf16 as BF16 bits), read by common.formats.torch_pickle without torch and without running code.
+    A pickle that would run code, or a damaged file, is a UserError naming the file."""
+    try:
+        return load_torch_file(path)
+    except UnsafePickleError as e:
+        raise UserError(f"{path}: refused: the pickle tries to run code or build objects other "
+                        f"than tensors ({e}); only plain tensor checkpoints are loaded") from None
+    except Exception as e:      # EOFError, UnpicklingError, BadZipFile, ValueError, ...
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
+                        f"{_first_line(e)}") from None
+
+
 def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
     """A PyTorch pickle (zip or legacy) read by common.formats.torch_pickle, never by torch: no torch
     needed (Ascend installs), no code from the file run, storages memory-mapped. Measured against
@@ -234,14 +248,7 @@ def _load_torch(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
 
     The one place a pickle's object becomes a state dict: {"state_dict": ...} wrappers are
     unwrapped (repeatedly), entries that are not named tensors (epoch, global_step, ...) dropped."""
-    try:
-        obj = load_torch_file(path)
-    except UnsafePickleError as e:
-        raise UserError(f"{path}: refused: the pickle tries to run code or build objects other "
-                        f"than tensors ({e}); only plain tensor checkpoints are loaded") from None
-    except Exception as e:      # EOFError, UnpicklingError, BadZipFile, ValueError, ...
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                        f"{_first_line(e)}") from None
+    obj = load_torch_object(path)
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -308,7 +315,10 @@ def _ms_tensor(buf, start: int, end: int) -> Tuple[List[int], str, Tuple[int, in
     return dims, dtype, content
 
 
-def _load_mindspore(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
+def _load_mindspore(path: str, keep_bf16: bool,
+                    strings: Optional[Dict[str, str]] = None) -> Dict[str, np.ndarray]:
+    """The tensors of a MindSpore .ckpt; `strings`, when given, receives its append_dict strings
+    (stored by MindSpore as UTF-32 text)."""
     try:
         buf = _map_file(path)
         end = len(buf)
@@ -336,8 +346,10 @@ def _load_mindspore(path: str, keep_bf16: bool) -> Dict[str, np.ndarray]:
                 records.append((tag, dims, dtype, [content]))
         out = {}
         for tag, dims, dtype_str, slices in records:
-            if dtype_str == "str":
-                continue                                   # append_dict strings: not tensors
+            if dtype_str == "str":                         # append_dict strings: not tensors
+                if strings is not None:
+                    strings[tag] = b"".join(bytes(buf[s:e]) for s, e in slices).decode("utf-32-le")
+                continue
             dtype = _MS_DTYPES.get(dtype_str)
             if dtype is None:
                 raise ValueError(f"tensor {tag}: unsupported tensor_type {dtype_str}")
@@ -535,6 +547,16 @@ def load_mindspore_ckpt(path: str, *, keep_bf16: bool = True) -> Dict[str, np.nd
     if not sd:
         raise UserError(f"{path}: holds no tensors")
     return sd
+
+
+def load_mindspore_ckpt_with_strings(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """A MindSpore .ckpt's tensors (bf16 widened to float32) and the strings MindSpore's
+    `append_dict` stored beside them (e.g. MindONE's textual-inversion `placeholder_token`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    strings: Dict[str, str] = {}
+    return _load_mindspore(path, False, strings), strings
 
 
 def save_mindspore_ckpt(path: str, sd: Mapping[str, Any], *, overwrite: bool = False,

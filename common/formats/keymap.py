@@ -321,6 +321,12 @@ def _text_entries(arch: ModelArch) -> Iterator[Entry]:
 
 # --------------------------------------------------------------------------- public: names
 
+def token_embedding_name(arch: ModelArch) -> str:
+    """The original-layout name of the text encoder's token-embedding table [vocab_size, width]."""
+    return (CLIP_PREFIX + "embeddings.token_embedding.weight" if arch.text.kind == "clip"
+            else OPENCLIP_PREFIX + "token_embedding.weight")
+
+
 def iter_entries(arch: ModelArch, parts: Sequence[str] = PARTS) -> Iterator[Entry]:
     """All (original, diffusers) name pairs of `arch`, part by part in construction order."""
     parts = check_parts(parts)

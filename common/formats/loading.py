@@ -65,15 +65,34 @@ def check_base_model(metadata: Dict[str, str], arch: ModelArch, path: str) -> No
                         f"matching --config")
 
 
+def _lora_file(path: str) -> str:
+    """A LoRA file, or the file inside a training LoRA folder (the kohya one first: it carries
+    the metadata)."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise UserError(f"LoRA file not found: {path}")
+        return path
+    names = (KOHYA_WEIGHT_NAME, DIFFUSERS_WEIGHT_NAME, MINDSPORE_WEIGHT_NAME)
+    found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    if not found:
+        raise UserError(f"no {', '.join(names)} in LoRA folder {path}")
+    return found[0]
+
+
 def load_lora_file(path: str, arch: ModelArch) -> LoraSet:
-    """A LoRA from a file in any supported format (diffusers, kohya, PEFT, MindONE's MindSpore
-    .ckpt), or from a training checkpoint folder."""
-    if os.path.isdir(path):
-        names = (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, MINDSPORE_WEIGHT_NAME)
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        if not found:
-            raise UserError(f"no {', '.join(names)} in LoRA folder {path}")
-        path = found[0]
+    """A LoRA (LoCon, LoHa, LoKr, ...) from a file in any supported format (kohya / LyCORIS,
+    diffusers, PEFT, MindONE's MindSpore .ckpt), or from a training checkpoint folder."""
+    path = _lora_file(path)
     check_base_model(safetensors_metadata(path), arch, path)
     sd = load_state_dict(path)
     return lora_from_mindspore(sd, arch) if is_mindspore_lora(sd) else from_state_dict(sd, arch)
+
+
+def lora_clip_skip(paths) -> Optional[int]:
+    """The clip skip kohya's metadata (`ss_clip_skip`) records for the first of `paths` that states
+    one, or None."""
+    for path in paths:
+        value = safetensors_metadata(_lora_file(path)).get("ss_clip_skip", "None")
+        if value.strip().isdigit() and int(value) >= 1:
+            return int(value)
+    return None

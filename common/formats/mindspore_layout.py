@@ -54,7 +54,7 @@ from common.arch import ModelArch
 from common.formats.checkpoint_io import BF16, cast_array
 from common.errors import UserError
 from common.formats.keymap import CLIP_PREFIX, OPENCLIP_PREFIX, PARTS, UNET_PREFIX, Entry, Shape
-from common.formats.lora import UNET_TARGETS, LoraPair, LoraSet, lora_targets
+from common.formats.lora import LoraPair, LoraSet, lora_targets
 
 MS_TEXT_PREFIX = "cond_stage_model.transformer."
 LORA_RANK_KEY = "lora_rank"
@@ -313,11 +313,8 @@ def lora_modules(arch: ModelArch) -> Dict[str, Tuple[str, ...]]:
     """MindONE LoRA module path -> the LoRA targets (common.formats.lora) it covers: one per UNet
     attention projection; three (q, k, v) for a text encoder's fused in_proj."""
     out: Dict[str, Tuple[str, ...]] = {}
-    for e in keymap.iter_entries(arch, ("unet",)):
-        module, param = _split(e.name)
-        if param == "weight" and module.endswith(tuple("." + t for t in UNET_TARGETS)) \
-                and re.search(r"\.attn[12]\.", module):
-            out[_split(e.ldm)[0]] = (f"unet:{module}",)
+    for target, layer in lora_targets(arch, True, False, "attention").items():
+        out[_split(layer.ldm)[0]] = (target,)
     for n in range(arch.text.used_layers):
         block = f"{MS_TEXT_PREFIX}transformer_layer.resblocks.{n}.attn.attn"
         layer = f"text_encoder:encoder.layers.{n}.self_attn"
@@ -375,7 +372,10 @@ def lora_to_mindspore(lora: LoraSet, arch: ModelArch) -> Dict[str, np.ndarray]:
     valid = lora_targets(arch, True, True)
     bad = [t for t in lora if t not in valid]
     if bad:
-        raise UserError(f"LoRA layer(s) that {arch.path} does not have: {keymap.listing(bad)}")
+        raise UserError(f"MindONE's LoRA format holds attention layers only (to_q/to_k/to_v/to_out, "
+                        f"q/k/v/out_proj); this LoRA also has {keymap.listing(bad, 3)}")
+    if any(not isinstance(p, LoraPair) or p.mid is not None or p.dora_scale is not None for p in lora.values()):
+        raise UserError("MindONE's LoRA format holds plain LoRA only (no LoHa, LoKr, Tucker or DoRA)")
     fused: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
     for module, targets in lora_modules(arch).items():
         pairs = [lora.get(t) for t in targets]
@@ -384,7 +384,7 @@ def lora_to_mindspore(lora: LoraSet, arch: ModelArch) -> Dict[str, np.ndarray]:
         if len(targets) == 1:
             fused[module] = (_scaled_down(pairs[0]), pairs[0].up)
         else:
-            fused[module] = _fuse(pairs, valid[targets[0]][1])
+            fused[module] = _fuse(pairs, valid[targets[0]].fan_out)
     if not fused:
         raise UserError("LoRA holds no layers")
     rank = max(d.shape[0] for d, _ in fused.values())
@@ -466,7 +466,7 @@ def lora_from_mindspore(sd: Mapping[str, np.ndarray], arch: ModelArch) -> LoraSe
                             f"{'lora_down' if module not in downs else 'lora_up'} tensor")
         down, up = downs[module], ups[module]
         targets = modules[module]
-        fan_in, fan_out = valid[targets[0]]
+        fan_in, fan_out = valid[targets[0]].fan_in, valid[targets[0]].fan_out
         if down.ndim != 2 or up.ndim != 2 or down.shape[1] != fan_in or up.shape != (
                 fan_out * len(targets), down.shape[0]):
             raise UserError(f"MindSpore LoRA layer {module}: shapes {down.shape}/{up.shape} do not fit "

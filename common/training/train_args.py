@@ -12,6 +12,14 @@ from typing import Optional, Sequence
 from common.config import (UserArgumentParser, add_bool, backend_name, count, non_negative, positive,
                            ranged, parse_with_config)
 from common.errors import UserError
+from common.formats.lora import LAYER_SETS, is_layer_set
+
+def layer_set(value: str) -> str:
+    if not is_layer_set(value):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LAYER_SETS)} or module names such as "
+                                         f"to_q,to_k,to_v,to_out.0; got {value!r}")
+    return value
+
 
 TRAIN_DESCRIPTION = """\
 Fine-tune Stable Diffusion 1.x/2.x on a few images of a subject: vanilla fine-tuning
@@ -69,9 +77,30 @@ def build_train_parser() -> argparse.ArgumentParser:
              help="DreamBooth class-prior preservation; False = vanilla fine-tuning on the instance images")
     g.add_argument("--prior_loss_weight", type=non_negative, default=1.0, help="weight of the class (prior) loss")
     add_bool(g, "--train_text_encoder", default=True, help="also fine-tune the text encoder (full, or LoRA with --lora_ft_text_encoder)")
+    g.add_argument("--clip_skip", type=ranged(int, low=1, optional=True), default=None, metavar="N",
+                   help="condition on the text encoder's N-th layer from the end, then its final layer norm (kohya/A1111 "
+                        "clip skip; 1 = the model's own layer; diffusers' clip_skip=k is N=k+1; SD 2.x counts from its "
+                        "penultimate layer, as kohya does). Skipped layers are saved unchanged. Sample with the same N. "
+                        "Default: the model's own layer")
     add_bool(g, "--use_lora", default=False, help="train LoRA adapters instead of the full weights")
-    add_bool(g, "--lora_ft_unet", default=True, help="LoRA on UNet attention to_q/to_k/to_v/to_out.0")
-    add_bool(g, "--lora_ft_text_encoder", default=False, help="LoRA on text-encoder q/k/v/out projections (needs --train_text_encoder)")
+    add_bool(g, "--lora_ft_unet", default=True, help="LoRA on the UNet's --lora_layers")
+    add_bool(g, "--lora_ft_text_encoder", default=False, help="LoRA on the text encoder's --lora_layers (needs --train_text_encoder)")
+    g.add_argument("--lora_layers", type=layer_set, default="attention",
+                   help="layers LoRA adapts: attention (to_q/to_k/to_v/to_out.0 and q/k/v/out_proj; MindONE's "
+                        "and diffusers' default), kohya (kohya train_network's default: every Linear and 1x1 "
+                        "conv of the UNet's transformer blocks - attention, feed-forward, proj_in/proj_out - "
+                        "and the text encoder's attention and MLP), all (every Linear and Conv2d incl. the "
+                        "ResNet 3x3 convs, time_emb_proj, down/upsamplers: LoCon), or a comma-separated list "
+                        "of module names as diffusers' --lora_layers (e.g. to_q,to_v,ff.net.2)")
+    g.add_argument("--lora_dropout", type=ranged(float, low=0, high=1, high_open=True), default=0.0,
+                   help="dropout on the LoRA branch's input during training (peft's lora_dropout; 0 = off)")
+    g.add_argument("--network_weights", default=None,
+                   help="kohya's flag: start the adapters from this LoRA / LoCon file (any format we read; its "
+                        "rank and alpha must match --lora_rank / --lora_alpha, its layers lie within --lora_layers)")
+    g.add_argument("--base_weights", nargs="+", default=None,
+                   help="kohya's flag: LoRA / LoCon / LoHa / LoKr files merged into the base model before training")
+    g.add_argument("--base_weights_multiplier", nargs="+", type=float, default=None,
+                   help="strength of each --base_weights file (one value for all, or one per file; default 1)")
     g.add_argument("--lora_rank", "--rank", type=count, default=4, help="LoRA rank")
     g.add_argument("--lora_alpha", type=ranged(float, low=0, low_open=True, optional=True), default=None,
                    help="LoRA alpha (scale = alpha/rank); default = rank, i.e. scale 1 as in MindONE and diffusers")
@@ -159,6 +188,10 @@ def validate_train_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError("--use_lora True needs --lora_ft_unet True and/or --lora_ft_text_encoder True")
         if args.lora_alpha is None:
             args.lora_alpha = float(args.lora_rank)
+    elif args.network_weights:
+        raise UserError("--network_weights needs --use_lora True")
+    if args.base_weights_multiplier and len(args.base_weights_multiplier) not in (1, len(args.base_weights or ())):
+        raise UserError("--base_weights_multiplier takes one value, or one per --base_weights file")
     if args.resume is not None and str(args.resume).lower() in ("true", "latest"):
         args.resume = "latest"
     elif args.resume is not None and str(args.resume).lower() in ("false", "none", ""):

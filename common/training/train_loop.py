@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common.formats import checkpoint_io, lora as lora_fmt
-from common.formats import loading
+from common.formats import keymap, loading
 from common.atomic import atomic_path
 from common.arch import ModelArch, load_arch
 from common.training.class_images import ensure_class_images
@@ -210,15 +210,57 @@ def load_base_weights(args, arch: ModelArch) -> Dict[str, np.ndarray]:
     if not args.pretrained_model_path:
         raise UserError("--pretrained_model_path is required (an original-layout .safetensors/.ckpt, "
                         "a MindONE .ckpt or a diffusers folder; make a tiny one with tools/make_tiny_model.py)")
+    bases = [loading.load_lora_file(path, arch) for path in args.base_weights or ()]  # small: fail early
     weights = loading.load_model_weights(args.pretrained_model_path, arch)
+    if bases:
+        scales = args.base_weights_multiplier or [1.0]
+        weights = lora_fmt.merge_loras(weights, arch, [(b, scales[i % len(scales)]) for i, b in enumerate(bases)])
+        log.info("merged %d LoRA file(s) into the base model (--base_weights)", len(bases))
     if args.unet_initialize_random:
         weights = {k: v for k, v in weights.items() if not k.startswith("model.diffusion_model.")}
         weights.update(random_weights(arch, args.seed, prefixes=("model.diffusion_model.",)))
     return weights
 
 
+def initial_lora(args, arch: ModelArch) -> lora_fmt.LoraSet:
+    """The adapters training starts from: seeded ones on --lora_layers, where --network_weights
+    gives values (kohya's continue-training) those."""
+    init = lora_fmt.init_lora(arch, args.lora_rank, args.lora_alpha, args.seed, unet=args.lora_ft_unet,
+                              text_encoder=args.lora_ft_text_encoder and args.train_text_encoder,
+                              layers=args.lora_layers)
+    if not args.network_weights:
+        return init
+    start = loading.load_lora_file(args.network_weights, arch)
+    outside = sorted(set(start) - set(init))
+    if outside:
+        raise UserError(f"--network_weights {args.network_weights} adapts layers outside the trained set "
+                        f"(--lora_layers {args.lora_layers}, --lora_ft_unet / --lora_ft_text_encoder): "
+                        f"{keymap.listing(outside, 3)}")
+    for target, pair in start.items():
+        if not isinstance(pair, lora_fmt.LoraPair) or pair.mid is not None or pair.dora_scale is not None:
+            raise UserError(f"--network_weights: {target} is a {pair.kind} layer; training continues plain "
+                            f"LoRA / LoCon only (merge other kinds with --base_weights)")
+        if (pair.rank, pair.alpha) != (args.lora_rank, args.lora_alpha):
+            raise UserError(f"--network_weights: {target} has rank {pair.rank} and alpha {pair.alpha:g}; "
+                            f"pass --lora_rank {pair.rank} --lora_alpha {pair.alpha:g}")
+        init[target] = lora_fmt.LoraPair(down=np.asarray(pair.down, np.float32).reshape(init[target].down.shape),
+                                         up=np.asarray(pair.up, np.float32).reshape(init[target].up.shape),
+                                         alpha=pair.alpha)
+    log.info("LoRA starts from %s (%d of %d layers)", args.network_weights, len(start), len(init))
+    return init
+
+
+def wants_mindone_lora(args) -> bool:
+    return args.backend == "ascend" or args.save_format == "mindspore"
+
+
+def mindone_lora_ok(lora: lora_fmt.LoraSet, arch: ModelArch) -> bool:
+    """Can MindONE's LoRA .ckpt hold these layers (attention projections only)?"""
+    return set(lora) <= set(lora_fmt.lora_targets(arch, True, True, "attention"))
+
+
 def run_training(args, backend) -> Dict[str, object]:
-    arch = load_arch(args.model_config)
+    arch = load_arch(args.model_config).with_clip_skip(args.clip_skip)
     arch.check_image_size(args.image_size, "--image_size")
     check_output_dir(args.output_path, "--output_path")
     if args.with_prior_preservation and count_images(args.class_data_dir) < args.num_class_images:
@@ -237,11 +279,10 @@ def run_training(args, backend) -> Dict[str, object]:
                                 repeats=args.train_data_repeats, random_crop=args.random_crop,
                                 flip=args.random_flip, seed=args.seed)
 
-    lora_init = None
-    if args.use_lora:
-        lora_init = lora_fmt.init_lora(arch, args.lora_rank, args.lora_alpha, args.seed,
-                                       unet=args.lora_ft_unet,
-                                       text_encoder=args.lora_ft_text_encoder and args.train_text_encoder)
+    lora_init = initial_lora(args, arch) if args.use_lora else None
+    if lora_init and wants_mindone_lora(args) and not mindone_lora_ok(lora_init, arch):
+        log.warning("MindONE's LoRA .ckpt holds attention layers only: LoRA checkpoints get the diffusers "
+                    "and kohya files, not %s", lora_fmt.MINDSPORE_WEIGHT_NAME)
     trainer = backend.Trainer(arch, weights, args, lora_init)
     del weights
     rank, world = trainer.rank, trainer.world_size
@@ -327,13 +368,14 @@ def save_checkpoint(folder: RunFolder, trainer, arch: ModelArch, args, step: int
         return
     if args.use_lora:
         path = os.path.join(folder.ckpt, f"lora-{step}")
-        save_lora_folder(trainer.export_lora(), path,
-                         metadata={"ss_network_dim": str(args.lora_rank), "ss_network_alpha": str(args.lora_alpha),
-                                   "ss_base_model_version": "sd_v2" if arch.version == "sd2" else "sd_v1",
-                                   "ss_v2": str(arch.version == "sd2"),
-                                   "ss_v_parameterization": str(arch.schedule.parameterization == "v")},
-                         mindspore_arch=arch if args.backend == "ascend" or args.save_format == "mindspore"
-                         else None)
+        lora = trainer.export_lora()
+        metadata = lora_fmt.kohya_metadata(arch, lora, args.lora_rank, args.lora_alpha, resolution=args.image_size,
+                                           steps=step, clip_skip=args.clip_skip,
+                                           num_images=count_images(args.instance_data_dir),
+                                           ss_output_name=f"lora-{step}", ss_seed=args.seed,
+                                           ss_learning_rate=args.start_learning_rate)
+        save_lora_folder(lora, path, metadata=metadata,
+                         mindspore_arch=arch if wants_mindone_lora(args) and mindone_lora_ok(lora, arch) else None)
     elif args.save_format == "mindspore":
         path = os.path.join(folder.ckpt, f"sd-{step}.ckpt")
         checkpoint_io.save_mindspore_ckpt(path, ldm_to_mindspore(trainer.export_weights(), arch), overwrite=True)
