@@ -19,8 +19,13 @@ install: $(VENV)/.installed
 demo: install  ## tiny model + sample subject: DreamBooth training, then text_to_image (about a minute on CPU)
 	$(PY) tools/demo.py
 
+# Tests run in parallel processes (pytest-xdist, one per core, at most 4): most of the suite's time
+# is single-threaded MindSpore graph compilation. A module's tests stay in one process, so its
+# compiled networks are shared (--dist loadscope).
+XDIST := -n auto --maxprocesses 4 --dist loadscope
+
 test: install  ## the whole test suite (both backends)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 # Move the locks forward on purpose: the newest versions the registry serves, the whole suite
 # against them, and only then new requirements/*.lock (review and commit the diff).
@@ -29,7 +34,7 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install --upgrade -e ".[dev]"
-	.venv-latest/bin/python -m pytest -q tests
+	.venv-latest/bin/python -m pytest -q $(XDIST) tests
 	.venv-latest/bin/python tools/lock.py
 
 lock: install  ## rewrite the locks from the installed development set

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import pytest
@@ -31,3 +32,10 @@ def tiny_models(tmp_path_factory):
         save_state_dict(path, random_weights(load_arch(config), seed=0))
         out[version] = path
     return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (tests run in parallel: no fixed ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

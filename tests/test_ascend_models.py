@@ -1,6 +1,7 @@
 """MindSpore models (backends.ascend) against the PyTorch backend on identical weights, fp32 on CPU.
 
-Tiny SD1 (eps) and tiny SD2 (v) models, full-width blocks at SD's real widths and head layouts,
+Tiny SD1 (eps) and tiny SD2 (v) models, mid-size SD1 / SD2 models at 128 px (realistic widths and
+head layouts: configs/mid-v*-inference.yaml), full-width blocks at SD's real widths and head layouts,
 LoRA inject / fold / merge / remove, GRAPH_MODE against PYNATIVE_MODE, and the parameter names of
 full-size SD1 / SD2 against MindONE's own name lists. Networks are compiled once per module.
 """
@@ -45,15 +46,20 @@ def _weights(arch, seed=0):
     return sd
 
 
+MID = {"mid-v1": os.path.join(ROOT, "configs", "mid-v1-inference.yaml"),
+       "mid-v2": os.path.join(ROOT, "configs", "mid-v2-inference.yaml")}
+
+
 class Pair:
-    """One tiny architecture on both backends with the same weights and inputs; MindSpore
-    outputs are computed once (in GRAPH_MODE) and cached."""
+    """One architecture on both backends with the same weights and inputs; MindSpore outputs are
+    computed once (in GRAPH_MODE) and cached. Tiny models run on small inputs; the mid-size ones
+    (SD1 / SD2 block layouts at realistic widths and 64-wide heads) at their native 128 px."""
 
     def __init__(self, version, parameterization):
         from backends.ascend.models import build_models, load_original
         from backends.cuda.models import load_models
 
-        arch = load_arch(TINY[version])
+        arch = load_arch({**TINY, **MID}[version])
         self.arch = dataclasses.replace(
             arch, schedule=dataclasses.replace(arch.schedule, parameterization=parameterization))
         self.sd = _weights(self.arch)
@@ -62,11 +68,13 @@ class Pair:
         load_original(self.net, self.sd, self.arch)
         rng = np.random.default_rng(1)
         self.ids = rng.integers(0, self.arch.text.vocab_size, (2, 77)).astype(np.int32)
-        self.x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
+        mid = version in MID
+        latent, pixels = (self.arch.latent_size, self.arch.image_size) if mid else (16, 32)
+        self.x = rng.standard_normal((2, 4, latent, latent)).astype(np.float32)
         self.t = np.array([3, 977], np.int32)
         self.ctx = rng.standard_normal((2, 77, self.arch.unet.context_dim)).astype(np.float32)
-        self.img = rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
-        self.z = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        self.img = rng.uniform(-1, 1, (1, 3, pixels, pixels)).astype(np.float32)
+        self.z = rng.standard_normal((1, 4, pixels // 8, pixels // 8)).astype(np.float32)
         self._ms = None
 
     def ms_outputs(self):
@@ -105,8 +113,17 @@ def pairs():
     return {}
 
 
-@pytest.fixture(scope="module", params=[("v1", "eps"), ("v2", "v")], ids=["sd1-eps", "sd2-v"])
+@pytest.fixture(scope="module", params=[("v1", "eps"), ("v2", "v"), ("mid-v1", "eps"), ("mid-v2", "v")],
+                ids=["sd1-eps", "sd2-v", "mid-sd1-eps", "mid-sd2-v"])
 def pair(request, pairs):
+    if request.param not in pairs:
+        pairs[request.param] = Pair(*request.param)
+    return pairs[request.param]
+
+
+@pytest.fixture(scope="module", params=[("v1", "eps"), ("v2", "v")], ids=["sd1-eps", "sd2-v"])
+def tiny_pair(request, pairs):
+    """PyNative is checked on the tiny models only (at mid size it would repeat them slowly)."""
     if request.param not in pairs:
         pairs[request.param] = Pair(*request.param)
     return pairs[request.param]
@@ -251,7 +268,8 @@ def test_logvar_is_clamped_and_weights_reload_after_compiling():
     assert logvar[:, 0].max() == 20.0 and logvar[:, 1].min() == -30.0
 
 
-def test_pynative_mode_agrees_with_graph_mode(pair):
+def test_pynative_mode_agrees_with_graph_mode(tiny_pair):
+    pair = tiny_pair
     graph = pair.ms_outputs()
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:

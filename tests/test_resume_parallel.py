@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, SUBJECT, TINY
+from conftest import ROOT, SUBJECT, TINY, free_port
 from common.formats.checkpoint_io import load_state_dict
 from common.training.train_args import parse_train_args
 
@@ -59,7 +59,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_models):
     # accelerate's --cpu launcher needs mpirun for several processes; --multi_gpu on a machine without
     # GPUs starts them through torchrun and the processes fall back to the CPU with gloo
     two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                           *common, "--train_batch_size", "1", "--output_path", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

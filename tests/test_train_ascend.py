@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -28,7 +27,7 @@ ms = pytest.importorskip("mindspore")
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from conftest import ROOT, SUBJECT, TINY  # noqa: E402
+from conftest import ROOT, SUBJECT, TINY, free_port  # noqa: E402
 from common.formats import lora as lora_fmt  # noqa: E402
 from common.formats import loading
 from common.arch import load_arch  # noqa: E402
@@ -45,7 +44,9 @@ from common.training.train_loop import make_batch, run_training, step_inputs  # 
 
 torch.set_num_threads(2)
 SIZE = 16
-LATENT = (4, SIZE // 2, SIZE // 2)
+# mid-size SD1 / SD2 layouts at realistic widths, trained at their native 128 px
+MID = {"mid-v1": os.path.join(ROOT, "configs", "mid-v1-inference.yaml"),
+       "mid-v2": os.path.join(ROOT, "configs", "mid-v2-inference.yaml")}
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
 
 
@@ -81,10 +82,11 @@ def recycler():
 
 
 def make_args(out, version, *extra):
-    return parse_train_args(["--model_config", TINY[version], "--instance_data_dir", SUBJECT,
+    size = load_arch(MID[version]).image_size if version in MID else SIZE
+    return parse_train_args(["--model_config", {**TINY, **MID}[version], "--instance_data_dir", SUBJECT,
                              "--instance_prompt", "a photo of sks robot", "--class_data_dir", SUBJECT,
                              "--class_prompt", "a photo of a robot", "--num_class_images", "1",
-                             "--image_size", str(SIZE), "--train_batch_size", "2", "--train_data_repeats", "1",
+                             "--image_size", str(size), "--train_batch_size", "2", "--train_data_repeats", "1",
                              "--output_path", str(out), "--seed", "7", *extra])
 
 
@@ -92,10 +94,12 @@ def fixed_batch(args, arch):
     """As tests/test_train_cuda.py builds it: the first batch of the dataset, its step inputs."""
     tok = tokenizer_for(arch.text)
     prior = args.with_prior_preservation
-    ds = DreamBoothDataset(SUBJECT, args.instance_prompt, tok, SIZE, class_dir=SUBJECT if prior else None,
+    size = args.image_size
+    ds = DreamBoothDataset(SUBJECT, args.instance_prompt, tok, size, class_dir=SUBJECT if prior else None,
                            class_prompt=args.class_prompt if prior else None, seed=args.seed)
     data = next(ds.batches(args.train_batch_size, 0))
-    randoms = step_inputs(NoiseSchedule(arch.schedule), args, 0, 0, 1, args.train_batch_size, LATENT,
+    latent = (4, size // arch.vae.downsample_factor, size // arch.vae.downsample_factor)
+    randoms = step_inputs(NoiseSchedule(arch.schedule), args, 0, 0, 1, args.train_batch_size, latent,
                           "class_images" in data)
     return make_batch(data, randoms, args.prior_loss_weight)
 
@@ -167,13 +171,16 @@ STRUCTURES = {     # name: (version, parameterization, flags)
     "full-unet+text-sd2": ("v2", "eps", ("--train_text_encoder", "True")),
     "lora-unet-sd1-v": ("v1", "v", ("--use_lora", "True", "--lora_rank", "4")),
     "lora-unet+text-sd2": ("v2", "eps", ("--use_lora", "True", "--lora_rank", "4", "--lora_ft_text_encoder", "True")),
-    "lora-kohya-unet+text-sd2": ("v2", "eps", ("--use_lora", "True", "--lora_rank", "4", "--lora_ft_text_encoder",
-                                               "True", "--lora_layers", "kohya")),
     "locon-all-unet+text-sd1-v": ("v1", "v", ("--use_lora", "True", "--lora_rank", "4", "--lora_ft_text_encoder",
                                               "True", "--lora_layers", "all")),
+    "full-unet-mid-sd2-v": ("mid-v2", "v", ("--train_text_encoder", "False")),
+    "lora-kohya-unet+text-mid-sd1": ("mid-v1", "eps", ("--use_lora", "True", "--lora_rank", "4",
+                                                       "--lora_ft_text_encoder", "True", "--lora_layers", "kohya")),
 }
-# every structure with and without prior preservation; the wider LoRA target sets once
-CASES = [(s, p) for s in STRUCTURES for p in (False, True) if "kohya" not in s and "all" not in s or not p]
+# every tiny structure with and without prior preservation; the wider LoRA target sets and the
+# mid-size models once
+CASES = [(s, p) for s in STRUCTURES for p in (False, True)
+         if not p or not any(w in s for w in ("kohya", "all", "mid"))]
 
 
 @pytest.mark.parametrize("structure,prior", CASES, ids=[f"{s}-{'prior' if p else 'vanilla'}" for s, p in CASES])
@@ -189,7 +196,7 @@ def test_one_step_matches_pytorch(tmp_path, recycler, structure, prior):
         ("--train_batch_size", "2")
     args = make_args(tmp_path, version, *extra, "--with_prior_preservation", str(prior), *options,
                      "--gradient_accumulation_steps", "2", "--adam_epsilon", "1e-6")
-    arch = load_arch(TINY[version])
+    arch = load_arch({**TINY, **MID}[version])
     arch = dataclasses.replace(arch, schedule=dataclasses.replace(arch.schedule, parameterization=parameterization))
     weights = weights_of(arch)
     batch = fixed_batch(args, arch)
@@ -346,12 +353,6 @@ def test_twenty_steps_give_the_same_loss_curve(full_runs):
     print(f"20-step loss curves: max relative difference {max(rel):.1e}")
     assert max(rel) <= 0.02, rel
     assert sorted(os.listdir(full_runs["ascend"] / "ckpt")) == sorted(os.listdir(full_runs["cuda"] / "ckpt"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_msrun_two_workers_equal_one_process(tmp_path, tiny_models, recycler):
