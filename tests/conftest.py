@@ -12,6 +12,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Several test processes share the cores (pytest-xdist), and the scripts they start inherit this
+# environment: OpenMP threads that spin while waiting would steal each other's cores, and more
+# threads than cores per process only add switching. Set before torch or MindSpore is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 
 TINY = {"v1": os.path.join(ROOT, "configs", "tiny-v1-inference.yaml"),
         "v2": os.path.join(ROOT, "configs", "tiny-v2-inference.yaml")}

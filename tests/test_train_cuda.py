@@ -15,7 +15,6 @@ from common.tokenizer import tokenizer_for
 from common.training.train_args import parse_train_args
 from common.training.train_loop import make_batch, step_inputs
 
-torch.set_num_threads(2)
 
 
 def make_args(tmp_path, *extra):
