@@ -9,7 +9,7 @@ import numpy as np
 from conftest import ROOT, SUBJECT, TINY
 from common.formats.checkpoint_io import load_state_dict
 
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 
 
 def run(*args, check=True):

@@ -24,7 +24,7 @@ from common.evaluation.models import (ClipSource, clip_arch, clip_parameter_shap
 from common.tokenizer import CLIPTokenizer
 
 EVAL = os.path.join(ROOT, "tools", "eval")
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 PARITY = 1e-4
 
 

@@ -46,7 +46,7 @@ SIZE = 16
 # mid-size SD1 / SD2 layouts at realistic widths, trained at their native 128 px
 MID = {"mid-v1": os.path.join(ROOT, "configs", "mid-v1-inference.yaml"),
        "mid-v2": os.path.join(ROOT, "configs", "mid-v2-inference.yaml")}
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 
 
 # ----------------------------------------------------------------------------- helpers
