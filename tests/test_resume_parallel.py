@@ -46,23 +46,39 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_models, mode):
 
 
 def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_models):
+    """DreamBooth with class images generated on the way, on 2 accelerate processes (CPU, gloo):
+    the main process alone writes exactly --num_class_images files (the same ones one process
+    writes), the result equals one process with the global batch, and --overwrite True starts
+    over on 2 processes without racing. The accelerate config says bf16: our fp32 holds."""
     pytest.importorskip("accelerate")
     common = ["train_dreambooth.py", "--model_config", TINY["v1"], "--pretrained_model_path", tiny_models["v1"],
               "--instance_data_dir", SUBJECT, "--instance_prompt", "a photo of sks robot",
-              "--with_prior_preservation", "False", "--image_size", "64", "--train_data_repeats", "2",
+              "--class_prompt", "a photo of a robot", "--num_class_images", "5", "--sample_batch_size", "2",
+              "--sampling_steps", "2", "--image_size", "64", "--train_data_repeats", "2", "--mixed_precision", "no",
               "--max_train_steps", "3", "--start_learning_rate", "1e-3", "--seed", "5", "--adam_epsilon", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    one = subprocess.run([sys.executable, *common, "--train_batch_size", "2", "--output_path", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, *common, "--train_batch_size", "2", "--output_path", str(tmp_path / "one"),
+                          "--class_data_dir", str(tmp_path / "class_one")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     # accelerate's --cpu launcher needs mpirun for several processes; --multi_gpu on a machine without
     # GPUs starts them through torchrun and the processes fall back to the CPU with gloo
-    two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                          *common, "--train_batch_size", "1", "--output_path", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    def launch(*extra):
+        return subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port",
+                               str(free_port()), *common, "--train_batch_size", "1", "--output_path",
+                               str(tmp_path / "two"), "--class_data_dir", str(tmp_path / "class_two"), *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    two = launch()
     assert two.returncode == 0, two.stderr[-3000:]
+    made = sorted(os.listdir(tmp_path / "class_two"))
+    assert made == sorted(os.listdir(tmp_path / "class_one")) and len(made) == 5, made
+    assert all((tmp_path / "class_two" / n).read_bytes() == (tmp_path / "class_one" / n).read_bytes() for n in made)
+    assert two.stderr.count("generating 5 class images") == 1
+    assert "accelerate config asks for mixed precision bf16" in two.stderr
     wa = load_state_dict(str(tmp_path / "one" / "ckpt" / "sd-3.safetensors"))
     wb = load_state_dict(str(tmp_path / "two" / "ckpt" / "sd-3.safetensors"))
     base = load_state_dict(tiny_models["v1"])
@@ -72,6 +88,10 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_models):
     assert moved > 1e-4 and worst < 1e-3 * moved, (moved, worst)
     assert "batch 1 x 2 process(es)" in two.stderr
     assert (tmp_path / "two" / "loss.csv").exists() and not (tmp_path / "two" / "ckpt" / "sd-3.safetensors.tmp").exists()
+    again = launch("--overwrite", "True")
+    assert again.returncode == 0, again.stderr[-3000:]
+    wc = load_state_dict(str(tmp_path / "two" / "ckpt" / "sd-3.safetensors"))
+    assert all(np.array_equal(wb[k], wc[k]) for k in unet)
 
 
 def _replace_calls(monkeypatch, fail_at=None, after=False):

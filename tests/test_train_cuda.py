@@ -249,3 +249,19 @@ def test_network_weights_start_the_adapters_and_base_weights_merge(tmp_path, tin
                                          "0.5"), arch)
     want = lora_fmt.merge_loras(load_state_dict(tiny_models["v1"]), arch, [(start, 0.5)])
     assert all(np.array_equal(merged[k], want[k]) for k in want)
+
+
+def test_accelerate_config_does_not_change_our_precision(tmp_path, tiny_models, monkeypatch, caplog):
+    """`accelerate launch` exports the user's config (ACCELERATE_MIXED_PRECISION=bf16): the trainer
+    states mixed precision and accumulation itself, warns once, and computes the same loss."""
+    from accelerate.state import AcceleratorState
+
+    trainer, args = make_trainer(tmp_path, tiny_models, "v1", "--with_prior_preservation", "False")
+    _, batch = fixed_batch(args)
+    want = trainer.compute_loss(batch)[0].item()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)
+    trainer, _ = make_trainer(tmp_path, tiny_models, "v1", "--with_prior_preservation", "False")
+    assert trainer.accelerator.mixed_precision == "no" and trainer.accelerator.gradient_accumulation_steps == 1
+    assert "accelerate config asks for mixed precision bf16" in caplog.text
+    assert trainer.compute_loss(batch)[0].item() == want

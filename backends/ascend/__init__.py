@@ -28,7 +28,7 @@ _EXPORTS = {
     "UNetModel": "unet", "AutoencoderKL": "vae", "TextTransformer": "text_encoder",
     "LoRADense": "lora", "LoRAConv2d": "lora", "inject_lora": "lora", "fold_lora": "lora",
     "remove_lora": "lora", "export_lora": "lora", "lora_parameters": "lora",
-    "Pipeline": "pipeline", "Trainer": "trainer",
+    "Pipeline": "pipeline", "Trainer": "trainer", "process_group": "device",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -47,3 +47,48 @@ def compute_dtype(precision: str, target: str):
     if target != "Ascend":
         return ms.float32
     return {"auto": ms.float16, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[precision]
+
+
+class ProcessGroup:
+    """This process's place among msrun's data-parallel workers (with --use_parallel; one process
+    otherwise), set up before any model exists, as MindONE does it: communication init,
+    DATA_PARALLEL with gradients averaged. Work that must happen once per run (the run folder,
+    --overwrite, class images) is done by rank 0 between barriers."""
+
+    def __init__(self, use_parallel: bool, mode: int = 0):
+        self.mode = mode
+        self.target = setup(mode)
+        self.rank, self.world_size = 0, 1
+        if use_parallel:
+            from mindspore.communication import get_group_size, get_rank, init
+
+            try:
+                init()
+            except Exception as e:    # not started by msrun, or no collective backend for this device
+                raise UserError(f"--use_parallel True: start the run with msrun (e.g. msrun --worker_num 2 "
+                                f"--local_worker_num 2 train_dreambooth.py ...); MindSpore's communication init "
+                                f"failed ({e.__class__.__name__})") from None
+            self.rank, self.world_size = get_rank(), get_group_size()
+            ms.reset_auto_parallel_context()
+            ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                         device_num=self.world_size)
+        self.is_main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            from mindspore.communication.comm_func import barrier
+            barrier()
+
+    def pipeline(self, arch, weights, precision: str):
+        from .pipeline import Pipeline
+        return Pipeline(arch, weights, precision=precision, mode=self.mode)
+
+
+def process_group(args) -> ProcessGroup:
+    """The one ProcessGroup of this process (communication is initialised once)."""
+    key = (bool(args.use_parallel), int(args.mode))
+    if _state.get("group_key") != key:
+        if "group" in _state and _state["group"].world_size > 1:
+            raise UserError("the parallel set-up of a process cannot change once initialised")
+        _state["group"], _state["group_key"] = ProcessGroup(*key), key
+    return _state["group"]

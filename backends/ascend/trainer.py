@@ -34,7 +34,7 @@ from common.formats.checkpoint_io import BF16, cast_array
 from common.errors import UserError
 from common.formats.lora import LoraSet
 from common.formats.mindspore_layout import ldm_to_mindspore, mindspore_to_ldm
-from .device import compute_dtype, setup
+from .device import compute_dtype, process_group, setup
 from .lora import base_names, export_lora, inject_lora, lora_parameters, reset_lora
 from .models import build_models, load_original
 from .pipeline import Pipeline
@@ -187,7 +187,8 @@ class Trainer:
         self.arch = arch
         self.args = args
         self.device = setup(args.mode)
-        self.rank, self.world_size = _init_parallel(args.use_parallel)
+        group = process_group(args)
+        self.rank, self.world_size = group.rank, group.world_size
         self.dtype = compute_dtype(args.mixed_precision, self.device)
         self.base_weights = weights           # untouched tensors (VAE, extras) for export_weights
         self.train_text = bool(args.train_text_encoder) and not args.use_lora
@@ -454,23 +455,3 @@ def _folded_state(root: nn.Cell) -> Dict[str, np.ndarray]:
         name, layer = bases.get(p.name, (p.name, None))
         out[name] = value + layer.delta() if layer is not None else value
     return out
-
-
-def _init_parallel(use_parallel: bool):
-    """(rank, world size); with use_parallel, MindSpore's data-parallel setup as MindONE does it
-    (started by msrun): communication init, DATA_PARALLEL with gradients averaged."""
-    if not use_parallel:
-        return 0, 1
-    from mindspore.communication import get_group_size, get_rank, init
-
-    try:
-        init()
-    except Exception as e:    # not started by msrun, or no collective backend for this device
-        raise UserError(f"--use_parallel True: start the run with msrun (e.g. msrun --worker_num 2 "
-                        f"--local_worker_num 2 train_dreambooth.py ...); MindSpore's communication init "
-                        f"failed ({e.__class__.__name__})") from None
-    world = get_group_size()
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
-                                 device_num=world)
-    return get_rank(), world

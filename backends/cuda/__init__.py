@@ -2,7 +2,7 @@
 
 Submodules are imported on first use, so e.g. the evaluation tools do not pay for diffusers:
 
-- device:       CUDA when present, else CPU; compute dtype
+- device:       CUDA when present, else CPU; compute dtype; process_group (data-parallel place)
 - models:       UNet2DConditionModel / AutoencoderKL / CLIPTextModel from an architecture config
 - lora:         PEFT adapters for training, merged LoRA for inference
 - pipeline:     Pipeline (the backend interface for text_to_image and class images)
@@ -11,7 +11,8 @@ Submodules are imported on first use, so e.g. the evaluation tools do not pay fo
 """
 from __future__ import annotations
 
-_EXPORTS = {"Pipeline": "pipeline", "Trainer": "trainer", "ClipEncoder": "eval_models", "DinoEncoder": "eval_models"}
+_EXPORTS = {"Pipeline": "pipeline", "Trainer": "trainer", "process_group": "device",
+            "ClipEncoder": "eval_models", "DinoEncoder": "eval_models"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -34,3 +34,43 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def warn_accelerate_precision(precision: str) -> None:
+    """One line when the user's `accelerate config` (ACCELERATE_MIXED_PRECISION, which `accelerate
+    launch` exports) asks for another precision than --mixed_precision: ours is used."""
+    import os
+
+    theirs = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    ours = {"no": "no", "fp32": "no", "float32": "no", "fp16": "fp16", "float16": "fp16", "bf16": "bf16",
+            "bfloat16": "bf16"}.get(str(precision).lower(), str(precision).lower())
+    if theirs not in ("no", "") and theirs != ours:
+        log.warning("accelerate config asks for mixed precision %s; this run uses --mixed_precision %s "
+                    "(set it there instead)", theirs, precision)
+
+
+class ProcessGroup:
+    """This process's place among the data-parallel processes `accelerate launch` started (one
+    process otherwise), set up before any model exists: work that must happen once per run (the
+    run folder, --overwrite, class images) is done by the main process between barriers, and each
+    process builds on its own device."""
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        self._state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world_size = self._state.process_index, self._state.num_processes
+        self.is_main = self._state.is_main_process
+        self.device = self._state.device
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self._state.wait_for_everyone()
+
+    def pipeline(self, arch, weights, precision: str):
+        from .pipeline import Pipeline
+        return Pipeline(arch, weights, precision=precision, device=self.device)
+
+
+def process_group(args) -> ProcessGroup:
+    return ProcessGroup()

@@ -19,7 +19,7 @@ from common.arch import ModelArch
 from common.atomic import atomic_path
 from common.errors import UserError
 from common.formats.lora import LoraSet
-from .device import compute_dtype
+from .device import compute_dtype, warn_accelerate_precision
 from .lora import add_adapters, export_lora, lora_parameters
 from .models import load_models, module_weights
 from .pipeline import Pipeline
@@ -31,7 +31,11 @@ class Trainer:
     def __init__(self, arch: ModelArch, weights: Dict[str, np.ndarray], args, lora_init: Optional[LoraSet] = None):
         self.arch = arch
         self.args = args
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        # Precision and accumulation are ours (--mixed_precision, --gradient_accumulation_steps):
+        # stated explicitly, so a user's `accelerate config` cannot autocast or scale on top of them.
+        warn_accelerate_precision(args.mixed_precision)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                                       gradient_accumulation_steps=1)
         self.device = self.accelerator.device
         if self.device.type != "cuda" and self.accelerator.is_main_process:
             log.warning("backend cuda: no CUDA device found, training on CPU in fp32")
@@ -136,8 +140,10 @@ class Trainer:
         accum = self.args.gradient_accumulation_steps
         models = [self.unet] + ([self.text_encoder] if self.text_trainable else [])
         sync = update or self.world_size == 1
-        ctx = self.accelerator.no_sync(models[0]) if not sync else torch.enable_grad()
-        with ctx:
+        with contextlib.ExitStack() as stack:
+            if not sync:       # every prepared model: no gradient all-reduce before the update step
+                for model in models:
+                    stack.enter_context(self.accelerator.no_sync(model))
             loss, instance, prior = self.compute_loss(batch)
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} (NaN/inf); lower the learning rate or use "

@@ -128,12 +128,16 @@ class RunFolder:
             return []
         return [os.path.join(self.ckpt, f) for f in os.listdir(self.ckpt) if _STATE_RE.match(f)]
 
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """What `prepare` would refuse, without touching anything (every process checks; one prepares)."""
+        if os.path.exists(self.state_meta) and not resume and not overwrite:
+            raise UserError(f"{self.root} already holds a training run; pass --resume to continue it "
+                            f"or --overwrite True to start over")
+
     def prepare(self, resume: bool, overwrite: bool) -> None:
+        self.check(resume, overwrite)
         has_run = os.path.exists(self.state_meta)        # a committed save: checkpoints alone are leftovers
         if has_run and not resume:
-            if not overwrite:
-                raise UserError(f"{self.root} already holds a training run; pass --resume to continue it "
-                                f"or --overwrite True to start over")
             for path in self.checkpoints() + self.state_files():
                 _remove(path)
             for path in (self.state_meta, self.loss_log):
@@ -265,13 +269,23 @@ def run_training(args, backend) -> Dict[str, object]:
     check_output_dir(args.output_path, "--output_path")
     if args.with_prior_preservation and count_images(args.class_data_dir) < args.num_class_images:
         check_output_dir(args.class_data_dir, "--class_data_dir")      # class images will be written
+    # Data-parallel processes exist from here on: whatever must happen once per run (folder set-up,
+    # --overwrite, class images) is done by the main process between barriers; every process checks
+    # first, so a refusal is the same one-line error everywhere rather than a hang at a barrier.
+    group = backend.process_group(args)
     folder = RunFolder(args.output_path)
-    folder.prepare(resume=args.resume is not None, overwrite=args.overwrite)
+    folder.check(resume=args.resume is not None, overwrite=args.overwrite)
     tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
     list_images(args.instance_data_dir, "instance")  # a bad folder fails before any model is loaded
+    group.barrier()
+    if group.is_main:
+        folder.prepare(resume=args.resume is not None, overwrite=args.overwrite)
+    group.barrier()
     weights = load_base_weights(args, arch)
     if args.with_prior_preservation:
-        ensure_class_images(backend, arch, weights, tokenizer, args)
+        if group.is_main:
+            ensure_class_images(group, arch, weights, tokenizer, args)
+        group.barrier()
     prior = args.with_prior_preservation
     dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
                                 class_dir=args.class_data_dir if prior else None,
