@@ -81,9 +81,9 @@ def test_class_images_through_the_mindspore_pipeline(tmp_path, tiny_models):
                              str(tmp_path / "cls"), "--class_prompt", "a robot", "--num_class_images", "3",
                              "--sample_batch_size", "2", "--sampling_steps", "2", "--image_size", str(SIZE)])
     group = ascend.process_group(args)
-    assert ensure_class_images(group, arch, load_state_dict(tiny_models["v2"]), tokenizer_for(arch.text), args) == 3
+    assert ensure_class_images(ascend, group, arch, load_state_dict(tiny_models["v2"]), tokenizer_for(arch.text), args) == 3
     assert sorted(os.listdir(tmp_path / "cls")) == ["00000.png", "00001.png", "00002.png"]
-    assert ensure_class_images(group, arch, load_state_dict(tiny_models["v2"]), tokenizer_for(arch.text), args) == 0
+    assert ensure_class_images(ascend, group, arch, load_state_dict(tiny_models["v2"]), tokenizer_for(arch.text), args) == 0
 
 
 def test_cli_on_a_converted_mindone_checkpoint(tmp_path, tiny_models):

@@ -48,29 +48,15 @@ OPENCLIP_ONLY_PROMPTS = [
 ]
 
 
-def _bytes_to_unicode():
-    """Written independently of common.tokenizer so the oracle vocabulary is built separately."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    shifted = [256 + n for n in range(256 - len(printable))]  # the other bytes, in byte order
-    return [chr(c) for c in printable + shifted]
-
-
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     """transformers' CLIPTokenizer (what SD1 pipelines use) from vocab.json/merges.txt made from
     the same gz file, exactly as OpenAI's CLIP lays out its 49408 ids."""
     if VOCAB is None:
         pytest.skip("open_clip's CLIP vocabulary is not installed")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("hf_clip_tokenizer")
-    merges = gzip.open(VOCAB).read().decode("utf-8").split("\n")[1:48895]
-    base = _bytes_to_unicode()
-    vocab = base + [c + "</w>" for c in base] + [m.replace(" ", "") for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    hf = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    pytest.importorskip("transformers")
+    from helpers.hf_clip import hf_clip_tokenizer
+    hf = hf_clip_tokenizer(VOCAB, tmp_path_factory.mktemp("hf_clip_tokenizer"))
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (SOT, EOT, EOT)
     return hf
 

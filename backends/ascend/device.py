@@ -81,9 +81,10 @@ class ProcessGroup:
             from mindspore import Tensor, ops
             ops.AllReduce()(Tensor(np.zeros(1, np.float32))).asnumpy()
 
-    def pipeline(self, arch, weights, precision: str):
-        from .pipeline import Pipeline
-        return Pipeline(arch, weights, precision=precision, mode=self.mode)
+    @property
+    def pipeline_options(self) -> dict:
+        """Pipeline(...) keywords for this process's execution mode."""
+        return {"mode": self.mode}
 
 
 def process_group(args) -> ProcessGroup:

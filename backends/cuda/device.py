@@ -67,9 +67,10 @@ class ProcessGroup:
         if self.world_size > 1:
             self._state.wait_for_everyone()
 
-    def pipeline(self, arch, weights, precision: str):
-        from .pipeline import Pipeline
-        return Pipeline(arch, weights, precision=precision, device=self.device)
+    @property
+    def pipeline_options(self) -> dict:
+        """Pipeline(...) keywords that put it on this process's device."""
+        return {"device": self.device}
 
 
 def process_group(args) -> ProcessGroup:

@@ -15,7 +15,7 @@ from common.images import next_index, save_images
 log = logging.getLogger("train")
 
 
-def ensure_class_images(group, arch, weights, tokenizer, args) -> int:
+def ensure_class_images(backend, group, arch, weights, tokenizer, args) -> int:
     """Generate the shortfall with the backend's pipeline on this process's device (`group`: the
     backend's process_group; call it on the main process only); returns how many were made."""
     have = count_images(args.class_data_dir)
@@ -25,7 +25,7 @@ def ensure_class_images(group, arch, weights, tokenizer, args) -> int:
     log.info("generating %d class images for %r in %s (%d already there)", missing, args.class_prompt,
              args.class_data_dir, have)
     os.makedirs(args.class_data_dir, exist_ok=True)
-    pipe = group.pipeline(arch, weights, args.mixed_precision)
+    pipe = backend.Pipeline(arch, weights, precision=args.mixed_precision, **group.pipeline_options)
     settings = SampleSettings(sampler=args.sampler, steps=args.sampling_steps, scale=args.scale,
                               height=args.image_size, width=args.image_size, seed=args.seed, progress=False)
     made = 0

@@ -284,7 +284,7 @@ def run_training(args, backend) -> Dict[str, object]:
     weights = load_base_weights(args, arch)
     if args.with_prior_preservation:
         if group.is_main:
-            ensure_class_images(group, arch, weights, tokenizer, args)
+            ensure_class_images(backend, group, arch, weights, tokenizer, args)
         group.barrier()
     prior = args.with_prior_preservation
     dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
