@@ -2,7 +2,6 @@
 open_clip's SimpleTokenizer (SD2), padding, truncation, batching and vocabulary errors."""
 import gzip
 import importlib.util
-import json
 import os
 import subprocess
 import sys
