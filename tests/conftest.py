@@ -46,3 +46,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The modules that take longest start first: with tests spread over processes by module
+# (pytest-xdist --dist loadscope), a long module started last would run alone at the end.
+_SLOW_FIRST = ("test_train_ascend.py", "test_resume_parallel.py", "test_ascend_models.py", "test_cli.py",
+               "test_ascend_pipeline.py", "test_mindone_compat.py", "test_long_prompts.py", "test_train_cuda.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
