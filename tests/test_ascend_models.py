@@ -7,7 +7,6 @@ full-size SD1 / SD2 against MindONE's own name lists. Networks are compiled once
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 

@@ -6,7 +6,7 @@ from conftest import TINY
 from common.formats import lora as lora_fmt
 from common.formats import loading
 from common.arch import load_arch
-from common.formats.checkpoint_io import load_state_dict, save_state_dict
+from common.formats.checkpoint_io import load_state_dict
 from common.diffusion.generate import SampleSettings, sample_latents
 from common.tokenizer import tokenizer_for
 

@@ -26,7 +26,7 @@ import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -89,11 +89,15 @@ def adaptable_layers(arch: ModelArch) -> Dict[str, Layer]:
     return out
 
 
+def _every_block(arch: ModelArch) -> ModelArch:
+    """`arch` with every stored text-encoder block run (those a LoRA may still name)."""
+    return dataclasses.replace(arch, text=dataclasses.replace(arch.text, used_layers=arch.text.layers))
+
+
 def unused_layers(arch: ModelArch) -> frozenset:
     """Targets a LoRA may hold that this model knowingly never runs: text-encoder blocks past the
     used ones (SD2's last block, blocks a clip skip drops) and the text projection."""
-    every = dataclasses.replace(arch, text=dataclasses.replace(arch.text, used_layers=arch.text.layers))
-    return frozenset(set(adaptable_layers(every)) - set(adaptable_layers(arch))) | {
+    return frozenset(set(adaptable_layers(_every_block(arch))) - set(adaptable_layers(arch))) | {
         f"text_encoder:{_TEXT_PROJECTION}"}
 
 
@@ -269,9 +273,8 @@ _TE_PROCESSOR = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)$")
 def _kohya_index(arch: ModelArch) -> Dict[str, str]:
     """kohya's underscore names are ambiguous on their own; resolve them against the model. Both
     the diffusers paths and the original LDM paths (`lora_unet_input_blocks_1_1_proj_in`) are known."""
-    every = dataclasses.replace(arch, text=dataclasses.replace(arch.text, used_layers=arch.text.layers))
     index = {f"lora_te_{_TEXT_PROJECTION}": f"text_encoder:{_TEXT_PROJECTION}"}
-    for target, layer in adaptable_layers(every).items():
+    for target, layer in adaptable_layers(_every_block(arch)).items():
         index[kohya_name(target)] = target
         if target.startswith("unet:"):
             index["lora_unet_" + layer.ldm[len(keymap.UNET_PREFIX):-len(".weight")].replace(".", "_")] = target
