@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXTRAS = ("dev", "cuda", "ascend", "eval")
+EXTRAS = ("dev", "cuda", "ascend", "eval", "bnb")
 
 
 def _installed() -> dict:
