@@ -170,7 +170,8 @@ def case(name: str, backend: str, config: str, steps: int, reps: int) -> list:
         batch = make_batch(data, randoms, args.prior_loss_weight)
         trainer = be.Trainer(arch, weights, args)
         losses = []
-        run = lambda: losses.append(trainer.train_step(batch, 1e-5, True)["loss"])  # noqa: E731
+        # float() waits for the device: the step is timed whole
+        run = lambda: losses.append(float(trainer.train_step(batch, 1e-5, True)["loss"]))  # noqa: E731
         unit = f"one training step, 2+2 images (prior preservation), {size}px, full UNet"
     else:
         pipe = be.Pipeline(arch, weights)

@@ -34,29 +34,8 @@ def case(name: str, config: str, steps: int, size: int) -> dict:
     size = size or arch.image_size
     out = {"case": name}
     if name in ("sample_ours", "sample_diffusers"):
-        from backends.cuda import Pipeline
-        from common.diffusion.generate import SampleSettings, sample_latents
-        from common.tokenizer import tokenizer_for
-        tok = tokenizer_for(arch.text)
-        pipe = Pipeline(arch, weights)
-        ids, neg = tok(["a photo of sks robot"]), tok([""])
-        if name == "sample_ours":
-            settings = SampleSettings(sampler="dpm_solver_pp", steps=steps, scale=7.5, height=size, width=size,
-                                      seed=0, progress=False)
-            run = lambda: pipe.decode(sample_latents(pipe, arch, ids, neg, settings, (0, 0)))  # noqa: E731
-        else:
-            from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-            sched = DPMSolverMultistepScheduler(beta_start=arch.schedule.linear_start, beta_end=arch.schedule.linear_end,
-                                                beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
-            peer = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=None, unet=pipe.unet,
-                                           scheduler=sched, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-            peer.set_progress_bar_config(disable=True)
-            dev = pipe.device
-            pe, ne = pipe.encode_text(ids), pipe.encode_text(neg)
-            run = lambda: peer(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps,  # noqa: E731
-                               guidance_scale=7.5, height=size, width=size, output_type="np",
-                               generator=torch.Generator(dev).manual_seed(0))
+        from _common import sampling_run
+        run, _ = sampling_run(name.split("_", 1)[1], arch, weights, steps, size)
         run()  # warm-up
         t0 = time.perf_counter()
         run()
@@ -82,7 +61,7 @@ def case(name: str, config: str, steps: int, size: int) -> dict:
             batch = dict(images=images, ids=ids, n_instance=b, prior_loss_weight=0.0, timesteps=t, coef_a=a_, coef_b=b_,
                          noise=rng.standard_normal(lat).astype(np.float32),
                          latent_noise=rng.standard_normal(lat).astype(np.float32), loss_weights=np.ones(b, np.float32))
-            run = lambda: trainer.train_step(batch, 1e-5, True)  # noqa: E731
+            run = lambda: float(trainer.train_step(batch, 1e-5, True)["loss"])  # noqa: E731  (waits for the device)
         else:
             from diffusers import DDPMScheduler
 

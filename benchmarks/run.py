@@ -21,6 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = {
     "cuda": ("bench_cuda.py", "PyTorch backend vs diffusers: sampling and a training step"),
     "backends": ("bench_backends.py", "PyTorch vs MindSpore backend: training step, sampling, UNet, VAE"),
+    "gpu": ("bench_gpu.py", "PyTorch backend vs diffusers on a GPU, full-size SD1.5: DreamBooth/LoRA step per memory saver, inference latency"),
+    "data": ("bench_data.py", "host-side data pipeline with 12 MP JPEGs: per-item decode vs cache vs cache + workers"),
     "conversion": ("bench_conversion.py", "full-size checkpoint conversion vs its peers (~10 GB of files)"),
 }
 

@@ -160,7 +160,7 @@ def add_bool(group, *names: str, default: bool, help: str) -> None:
     """A boolean flag that takes True/False as a value (MindONE), or stands alone meaning True
     (diffusers' store_true flags such as --with_prior_preservation)."""
     group.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
-                       help=f"{help} (default: {default})")
+                       help=help if help == argparse.SUPPRESS else f"{help} (default: {default})")
 
 
 def dump_args(args: argparse.Namespace, path: str, keys: Optional[Iterable[str]] = None) -> None:

@@ -243,7 +243,22 @@ class CLIPTokenizer:
             if texts else np.zeros((0, self.context_length), np.int64)
 
 
-def tokenizer_for(text_arch, vocab_path: Optional[str] = None) -> CLIPTokenizer:
-    """Tokenizer matching a `common.arch.TextArch` (its context length and SD1/SD2 pad id)."""
-    return CLIPTokenizer(context_length=text_arch.context_length, pad_token=text_arch.pad_token,
+EOT_ID = 49407       # <|endoftext|> in the CLIP vocabulary of every SD text encoder
+
+
+def attention_mask(ids: np.ndarray) -> np.ndarray:
+    """float32 [N, L]: 1 up to and including each row's first <|endoftext|>, 0 on the padding
+    after it; transformers' CLIP tokenizer's attention_mask (diffusers' --text_encoder_use_attention_mask)."""
+    ids = np.asarray(ids)
+    first_eot = np.argmax(ids == EOT_ID, axis=1)
+    return (np.arange(ids.shape[1])[None, :] <= first_eot[:, None]).astype(np.float32)
+
+
+def tokenizer_for(text_arch, vocab_path: Optional[str] = None, max_length: Optional[int] = None) -> CLIPTokenizer:
+    """Tokenizer matching a `common.arch.TextArch` (its context length and SD1/SD2 pad id);
+    `max_length` frames prompts shorter (diffusers' --tokenizer_max_length), at most the context."""
+    if max_length is not None and not 2 <= max_length <= text_arch.context_length:
+        raise UserError(f"--tokenizer_max_length must be between 2 and the text encoder's context length "
+                        f"{text_arch.context_length}, got {max_length}")
+    return CLIPTokenizer(context_length=max_length or text_arch.context_length, pad_token=text_arch.pad_token,
                          vocab_path=vocab_path)

@@ -252,7 +252,8 @@ def test_batches_shapes_and_ids(tmp_path):
     inst = make_folder(tmp_path / "inst", [(255, 0, 0), (0, 255, 0)])
     ds = DreamBoothDataset(inst, "a photo of sks robot", fake_tokenizer, 16, repeats=2)
     batch = next(ds.batches(2, 0))
-    assert set(batch) == {"instance_images", "instance_ids"}
+    assert set(batch) == {"instance_images", "instance_ids", "instance_paths"}
+    assert all(p in ds.instance_paths for p in batch["instance_paths"]) and len(batch["instance_paths"]) == 2
     assert batch["instance_images"].shape == (2, 3, 16, 16) and batch["instance_images"].dtype == np.float32
     assert batch["instance_ids"].shape == (2, 77) and batch["instance_ids"].dtype == np.int64
     expected = fake_tokenizer(["a photo of sks robot"])[0]
@@ -380,3 +381,37 @@ def test_make_sample_subject_is_deterministic_and_refuses_overwrite(tmp_path, ca
     # the views really differ from each other
     arrays = [np.asarray(Image.open(os.path.join(out, n))) for n in first]
     assert all(not np.array_equal(arrays[0], a) for a in arrays[1:])
+
+
+def test_worker_threads_and_the_image_cache_change_no_batch(tmp_path, monkeypatch):
+    """Decoded, resized images are cached (each file is decoded once however many epochs and
+    repeats read it), and worker threads building batches ahead give the very same batches in
+    the same order, also when a resume starts mid-epoch."""
+    import common.training.data as data
+
+    inst = make_folder(tmp_path / "inst", [(255, 0, 0), (0, 255, 0), (0, 0, 255)], size=(40, 28), textured=True)
+    cls = make_folder(tmp_path / "cls", [(9, 9, 9), (99, 99, 99)], size=(30, 36), textured=True)
+    decoded = []
+    real = data.load_resized
+    monkeypatch.setattr(data, "load_resized", lambda path, *a: decoded.append(path) or real(path, *a))
+    kw = dict(class_dir=cls, class_prompt="c", repeats=4, random_crop=True, flip=True, seed=3)
+    plain = DreamBoothDataset(inst, "p", fake_tokenizer, 16, cache_bytes=0, **kw)
+    threaded = DreamBoothDataset(inst, "p", fake_tokenizer, 16, workers=2, **kw)
+    for epoch in (0, 1):
+        for start in (0, 2):
+            a = list(plain.batches(2, epoch, start_step=start))
+            b = list(threaded.batches(2, epoch, start_step=start))
+            assert len(a) == len(b) == 6 - start
+            for x, y in zip(a, b):
+                assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+    uncached = len(decoded) - 5
+    assert uncached == 2 * 2 * 2 * (6 + 4)           # plain: 2 images per item, every time
+    assert len(decoded) - uncached == 5              # threaded: each of the 5 files once
+
+
+def test_the_image_cache_keeps_within_its_budget(tmp_path):
+    inst = make_folder(tmp_path / "inst", [(255, 0, 0), (0, 255, 0), (0, 0, 255)], size=(16, 16))
+    one_image = 3 * 8 * 8
+    ds = DreamBoothDataset(inst, "p", fake_tokenizer, 8, cache_bytes=2 * one_image)
+    list(ds.batches(1, 0))
+    assert ds._cache._bytes == 2 * one_image and len(ds._cache._items) == 2

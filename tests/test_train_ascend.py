@@ -15,6 +15,7 @@ batch holds two images; 16 px images (8x8 latents) keep MindSpore's CPU convolut
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 import subprocess
@@ -207,8 +208,8 @@ def test_one_step_matches_pytorch(tmp_path, recycler, structure, prior):
     s_pt = pt.train_step(batch, 1e-3, False)
     s_ms = mt.train_step(batch, 1e-3, False)
     for key in ("loss", "instance_loss", "prior_loss"):
-        assert s_ms[key] == pytest.approx(s_pt[key], rel=1e-5, abs=1e-7), (key, s_pt, s_ms)
-    assert (s_ms["prior_loss"] > 0) == prior
+        assert float(s_ms[key]) == pytest.approx(float(s_pt[key]), rel=1e-5, abs=1e-7), (key, s_pt, s_ms)
+    assert (float(s_ms["prior_loss"]) > 0) == prior
     g_pt, g_ms = pt_gradients(pt, args), ms_gradients(mt, args)
     g_norm = norm(g_pt)
     worst = max(float(np.abs(d).max()) for d in diff(g_pt, g_ms).values())
@@ -221,7 +222,7 @@ def test_one_step_matches_pytorch(tmp_path, recycler, structure, prior):
     gap = norm(diff(u_pt, u_ms))
     assert norm(u_pt) > 0 and gap <= 1e-3 * norm(u_pt), (gap, norm(u_pt))
     print(f"{structure} {'prior' if prior else 'vanilla'}: loss rel "
-          f"{abs(s_ms['loss'] - s_pt['loss']) / s_pt['loss']:.1e}, grad {worst / g_norm:.1e} of norm, "
+          f"{abs(float(s_ms['loss']) - float(s_pt['loss'])) / float(s_pt['loss']):.1e}, grad {worst / g_norm:.1e} of norm, "
           f"update {gap / norm(u_pt):.1e} rel")
     if args.use_lora:          # only adapters train
         assert all(".lora_" in p.name for p in mt.params) and all(k.endswith((".down", ".up")) for k in pt.trainable)
@@ -264,7 +265,7 @@ def test_update_is_torch_adamw_with_clipping_and_ema(tmp_path, optim):
         opt.step()
         decay = 0.9 * (1 - np.exp(-step / 2000))
         ema = [e * decay + p.detach().numpy().astype(np.float64) * (1 - decay) for e, p in zip(ema, params)]
-        assert stats["grad_norm"] == pytest.approx(float(total), rel=1e-5)
+        assert float(stats["grad_norm"]) == pytest.approx(float(total), rel=1e-5)
         moved = max(float(np.abs(p.detach().numpy() - x).max()) for p, x in zip(params, start))
         worst = max(float(np.abs(p.detach().numpy() - q.asnumpy()).max()) for p, q in zip(params, trainer.params))
         assert worst <= 1e-4 * moved + ulp, (step, worst, moved)
@@ -313,6 +314,47 @@ def test_loss_scaling_skips_an_overflowing_step(tmp_path):
     # two applied Adam steps on the same unscaled gradients: ~2 * lr * sign(g) each element
     moved = np.concatenate([(p.asnumpy() - x).ravel() for p, x in zip(trainer.params, before)])
     assert np.abs(moved).max() < 2.1e-3 and np.abs(moved).max() > 1.9e-3
+
+
+def test_a_transient_overflow_is_skipped_alike_on_both_backends(tmp_path):
+    """fp16 semantics, forced on the CPU: a NaN loss (a forward overflow) skips its update and
+    halves the scale on both backends, as torch's GradScaler does; the same sequence of skips and
+    scales follows, and the weights after the clean updates agree. The train loop's check lets a
+    NaN loss pass while the scale is above the minimum and stops the run at it."""
+    import backends.ascend as ascend
+    import backends.cuda as cuda
+    from common.training.train_loop import check_loss
+    args = make_args(tmp_path, "v1", "--use_lora", "True", "--lora_rank", "4", "--init_loss_scale", "4",
+                     "--scale_window", "2", "--with_prior_preservation", "False", "--train_text_encoder", "False")
+    arch = load_arch(TINY["v1"])
+    lora = initial_lora(arch, args)
+    mt = ascend.Trainer(arch, weights_of(arch), args, lora)
+    mt.loss_scaling = True
+    mt.update_step = mt._update_cell()
+    mt._reset_counters()
+    pt = cuda.Trainer(arch, weights_of(arch), args, lora)
+    pt.scaler = torch.amp.GradScaler("cpu", init_scale=4, growth_factor=2, backoff_factor=0.5, growth_interval=2)
+    good = fixed_batch(args, arch)
+    bad = dict(good, noise=good["noise"].copy())
+    bad["noise"][0, 0, 0, 0] = np.nan
+    seen = {"cuda": [], "ascend": []}
+    for name, trainer in (("cuda", pt), ("ascend", mt)):
+        for batch in (bad, good, bad, good, good, bad, bad):
+            stats = {k: float(v) for k, v in trainer.train_step(batch, 1e-3, True).items()}
+            seen[name].append((stats["skipped"], stats["loss_scale"], math.isfinite(stats["loss"])))
+    assert seen["cuda"] == seen["ascend"] == [(1.0, 4.0, False), (0.0, 2.0, True), (1.0, 2.0, False),
+                                              (0.0, 1.0, True), (0.0, 1.0, True), (1.0, 2.0, False),
+                                              (1.0, 1.0, False)]
+    a, b = trained_values(pt, args), trained_values(mt, args)
+    moved = norm(diff(a, {k: v for k, v in lora_values(lora).items()}))
+    assert moved > 0 and norm(diff(a, b)) <= 1e-3 * moved
+    check_loss(6, {"loss": float("nan"), "loss_scale": 2.0})          # transient: goes on
+    with pytest.raises(UserError, match="loss became nan .*step 7, loss scale 1"):
+        check_loss(7, {"loss": float("nan"), "loss_scale": 1.0})
+
+
+def lora_values(lora):
+    return {f"{t}.{side}": getattr(p, side) for t, p in lora.items() for side in ("down", "up")}
 
 
 # ----------------------------------------------------------------------------- through the train loop

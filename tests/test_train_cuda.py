@@ -24,7 +24,8 @@ def make_args(tmp_path, *extra):
                              "--output_path", str(tmp_path / "run"), "--seed", "7", *extra])
 
 
-def fixed_batch(args, version="v1", micro=0):
+def fixed_data(args, version="v1", micro=0):
+    """The first batch of the dataset (center crops) and its step inputs."""
     arch = load_arch(TINY[version])
     tok = tokenizer_for(arch.text)
     prior = args.with_prior_preservation
@@ -33,7 +34,12 @@ def fixed_batch(args, version="v1", micro=0):
     data = next(ds.batches(args.train_batch_size, 0))
     randoms = step_inputs(NoiseSchedule(arch.schedule), args, micro, 0, 1, args.train_batch_size, (4, 32, 32),
                           "class_images" in data)
-    return arch, make_batch(data, randoms, args.prior_loss_weight)
+    return data, randoms
+
+
+def fixed_batch(args, version="v1", micro=0):
+    data, randoms = fixed_data(args, version, micro)
+    return load_arch(TINY[version]), make_batch(data, randoms, args.prior_loss_weight)
 
 
 def make_trainer(tmp_path, tiny_models, version="v1", *extra):
@@ -49,7 +55,7 @@ def test_overfitting_one_batch_lowers_the_loss(tmp_path, tiny_models, mode, lr, 
     trainer, args = make_trainer(tmp_path, tiny_models, "v2", "--train_text_encoder", "False",
                                  "--with_prior_preservation", "False", *mode)
     _, batch = fixed_batch(args, "v2")
-    losses = [trainer.train_step(batch, lr, True)["loss"] for _ in range(35)]
+    losses = [float(trainer.train_step(batch, lr, True)["loss"]) for _ in range(50)]
     assert max(losses[-3:]) < target * losses[0], losses
 
 
@@ -173,8 +179,8 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_models):
     plain, args = make_trainer(tmp_path, tiny_models, "v2", *common)
     ckpt, _ = make_trainer(tmp_path, tiny_models, "v2", *common, "--gradient_checkpointing", "True")
     _, batch = fixed_batch(args, "v2")
-    la = plain.train_step(batch, 1e-3, True)["loss"]
-    lb = ckpt.train_step(batch, 1e-3, True)["loss"]
+    la = float(plain.train_step(batch, 1e-3, True)["loss"])
+    lb = float(ckpt.train_step(batch, 1e-3, True)["loss"])
     assert la == pytest.approx(lb, rel=1e-6)
     a, b = plain._unet.state_dict(), ckpt._unet.state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-7
@@ -207,14 +213,20 @@ def test_offset_noise_is_constant_per_sample_and_channel(tmp_path):
 
 
 def test_learning_rate_schedule(tmp_path):
-    from common.training.train_loop import learning_rate
+    """MindONE's keys (the default schedule) and diffusers' --lr_scheduler through the same flags."""
+    from common.training.train_loop import lr_schedule
     args = make_args(tmp_path, "--start_learning_rate", "1e-4", "--warmup_steps", "4", "--end_learning_rate", "0",
                      "--decay_steps", "10", "--with_prior_preservation", "False")
-    assert [learning_rate(args, s) for s in (0, 3)] == pytest.approx([2.5e-5, 1e-4])
-    assert learning_rate(args, 9) == pytest.approx(0.5e-4)
-    assert learning_rate(args, 100) == pytest.approx(0.0)
-    constant = make_args(tmp_path, "--start_learning_rate", "2e-6", "--with_prior_preservation", "False")
-    assert learning_rate(constant, 0) == learning_rate(constant, 500) == pytest.approx(2e-6)
+    learning_rate = lr_schedule(args, 100)
+    assert [learning_rate(s) for s in (0, 3)] == pytest.approx([2.5e-5, 1e-4])
+    assert learning_rate(9) == pytest.approx(0.5e-4)
+    assert learning_rate(100) == pytest.approx(0.0)
+    constant = lr_schedule(make_args(tmp_path, "--start_learning_rate", "2e-6", "--with_prior_preservation", "False"), 9)
+    assert constant(0) == constant(500) == pytest.approx(2e-6)
+    restarts = lr_schedule(make_args(tmp_path, "--learning_rate", "1e-4", "--lr_scheduler", "cosine_with_restarts",
+                                     "--lr_num_cycles", "2", "--lr_warmup_steps", "0",
+                                     "--with_prior_preservation", "False"), 20)
+    assert restarts(0) == restarts(10) == pytest.approx(1e-4) and restarts(5) == pytest.approx(0.5e-4)
 
 
 def test_network_weights_start_the_adapters_and_base_weights_merge(tmp_path, tiny_models):

@@ -15,10 +15,11 @@ _state = {}
 JIT_LEVELS = ("O0", "O1", "O2")
 
 
-def setup(mode: int = 0, jit_level: Optional[str] = None) -> str:
+def setup(mode: int = 0, jit_level: Optional[str] = None, max_device_memory: Optional[str] = None) -> str:
     """Ascend when present, otherwise CPU with a one-line notice; GRAPH_MODE (0, the default, for
     speed) or PYNATIVE_MODE (1); MindONE's graph compilation level (`jit_level`, Ascend only: the
-    CPU runs MindSpore's default). Returns the device target."""
+    CPU runs MindSpore's default); MindONE's `max_device_memory` cap of the device memory pool
+    (Ascend only, set before the runtime starts). Returns the device target."""
     if jit_level is not None and jit_level not in JIT_LEVELS:
         raise UserError(f"--jit_level must be one of {', '.join(JIT_LEVELS)}, got {jit_level}")
     if mode not in (0, 1):
@@ -32,6 +33,8 @@ def setup(mode: int = 0, jit_level: Optional[str] = None) -> str:
         except RuntimeError:  # the runtime already started (e.g. another tool ran MindSpore first)
             target = ms.get_context("device_target")
         _state["target"] = target
+        if max_device_memory and target == "Ascend":
+            ms.runtime.set_memory(max_size=max_device_memory)
     ms.set_context(mode=ms.GRAPH_MODE if mode == 0 else ms.PYNATIVE_MODE)
     if jit_level and _state["target"] == "Ascend":
         ms.set_context(jit_config={"jit_level": jit_level})
@@ -55,9 +58,9 @@ class ProcessGroup:
     DATA_PARALLEL with gradients averaged. Work that must happen once per run (the run folder,
     --overwrite, class images) is done by rank 0 between barriers."""
 
-    def __init__(self, use_parallel: bool, mode: int = 0):
+    def __init__(self, use_parallel: bool, mode: int = 0, max_device_memory: Optional[str] = None):
         self.mode = mode
-        self.target = setup(mode)
+        self.target = setup(mode, max_device_memory=max_device_memory)
         self.rank, self.world_size = 0, 1
         if use_parallel:
             from mindspore.communication import get_group_size, get_rank, init
@@ -93,5 +96,5 @@ def process_group(args) -> ProcessGroup:
     if _state.get("group_key") != key:
         if "group" in _state and _state["group"].world_size > 1:
             raise UserError("the parallel set-up of a process cannot change once initialised")
-        _state["group"], _state["group_key"] = ProcessGroup(*key), key
+        _state["group"], _state["group_key"] = ProcessGroup(*key, getattr(args, "max_device_memory", None)), key
     return _state["group"]

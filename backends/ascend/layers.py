@@ -164,16 +164,18 @@ def dropout(p: float) -> nn.Cell:
 def attention(q, k, v, heads: int, mask=None):
     """Multi-head scaled dot-product attention on (B, N, heads * D) inputs.
 
-    Scores and softmax are float32 whatever the compute dtype (MindONE upcasts them too);
-    `mask` is added to the scores (e.g. a causal mask with -inf above the diagonal).
+    q is scaled by 1/sqrt(D) before q.k^T (in half precision the product then keeps sqrt(D) times
+    more headroom below fp16's maximum, as PyTorch's SDPA does); scores and softmax are float32
+    whatever the compute dtype (MindONE upcasts them too); `mask` is added to the scores (e.g. a
+    causal mask with -inf above the diagonal).
     """
     b, n, width = q.shape
     m = k.shape[1]
     d = width // heads
-    q = q.reshape(b, n, heads, d).transpose(0, 2, 1, 3)
+    q = (q * (1.0 / math.sqrt(d))).reshape(b, n, heads, d).transpose(0, 2, 1, 3)
     k = k.reshape(b, m, heads, d).transpose(0, 2, 1, 3)
     v = v.reshape(b, m, heads, d).transpose(0, 2, 1, 3)
-    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)).astype(FP32) * (1.0 / math.sqrt(d))
+    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)).astype(FP32)
     if mask is not None:
         scores = scores + mask
     probs = ops.softmax(scores, -1).astype(v.dtype)

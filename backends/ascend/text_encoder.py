@@ -20,6 +20,8 @@ from mindspore.common.initializer import initializer
 from common.arch import TextArch
 from .layers import FP32, Dense, LayerNorm, activation, attention, compute_dtype
 
+MASKED = float(np.finfo(np.float32).min)    # added to a hidden key's scores, as transformers does
+
 
 class MultiheadAttention(nn.Cell):
     """Self-attention with a fused (width -> 3 * width) input projection."""
@@ -43,9 +45,12 @@ class CausalSelfAttention(nn.Cell):
         self.attn = MultiheadAttention(width, heads, dtype)
         self.mask = Tensor(np.triu(np.full((context_length, context_length), -np.inf, np.float32), 1))
 
-    def construct(self, x):
+    def construct(self, x, key_bias=None):
         n = x.shape[1]
-        return self.attn(x, self.mask[:n, :n])
+        mask = self.mask[:n, :n]
+        if key_bias is not None:               # [B, n]: padded keys hidden from every query
+            mask = mask + key_bias.reshape(key_bias.shape[0], 1, 1, n)
+        return self.attn(x, mask)
 
 
 class ResidualAttentionBlock(nn.Cell):
@@ -59,8 +64,8 @@ class ResidualAttentionBlock(nn.Cell):
         self.act = activation(t.hidden_act)
         self.c_proj = Dense(w * t.mlp_ratio, w, dtype=dtype)
 
-    def construct(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def construct(self, x, key_bias=None):
+        x = x + self.attn(self.ln_1(x), key_bias)
         return x + self.c_proj(self.act(self.c_fc(self.ln_2(x))))
 
 
@@ -69,14 +74,16 @@ class Transformer(nn.Cell):
         super().__init__()
         self.resblocks = nn.CellList([ResidualAttentionBlock(t, dtype) for _ in range(t.used_layers)])
 
-    def construct(self, x):
+    def construct(self, x, key_bias=None):
         for block in self.resblocks:
-            x = block(x)
+            x = block(x, key_bias)
         return x
 
 
 class TextTransformer(nn.Cell):
-    """construct(ids [B, L] int) -> hidden states [B, L, width] float32 (SD's conditioning)."""
+    """construct(ids [B, L] int, mask [B, L] float 1/0 or None) -> hidden states [B, L, width]
+    float32 (SD's conditioning). `mask` hides padding from attention (diffusers'
+    --text_encoder_use_attention_mask; transformers' attention_mask)."""
 
     def __init__(self, t: TextArch, dtype=FP32):
         super().__init__()
@@ -90,8 +97,9 @@ class TextTransformer(nn.Cell):
         self.transformer_layer = Transformer(t, dtype)
         self.ln_final = LayerNorm(t.width, t.eps)
 
-    def construct(self, ids):
+    def construct(self, ids, mask=None):
         n = ids.shape[1]
         x = ops.gather(self.embedding_table, ids.astype(ms.int32), 0) + self.positional_embedding[:n]
-        x = self.transformer_layer(x.astype(self.dtype))
+        key_bias = None if mask is None else (1.0 - mask.astype(FP32)) * MASKED
+        x = self.transformer_layer(x.astype(self.dtype), key_bias)
         return self.ln_final(x).astype(FP32)

@@ -34,6 +34,7 @@ from common.formats.checkpoint_io import BF16, cast_array
 from common.errors import UserError
 from common.formats.lora import LoraSet
 from common.formats.mindspore_layout import ldm_to_mindspore, mindspore_to_ldm
+from common.tokenizer import attention_mask
 from .device import compute_dtype, process_group, setup
 from .lora import base_names, export_lora, inject_lora, lora_parameters, reset_lora
 from .models import build_models, load_original
@@ -45,24 +46,39 @@ FP32 = ms.float32
 class _LossCell(nn.Cell):
     """Loss of one micro-batch (instance half first, class half after), as the PyTorch Trainer
     computes it. `instance_w` / `prior_w` hold 1/n on the rows of each half (0 elsewhere), so one
-    compiled graph serves every split. Returns (loss * sens, loss, instance, prior)."""
+    compiled graph serves every split. Returns (loss * sens, loss, instance, prior).
 
-    def __init__(self, net, scale_factor: float, v_prediction: bool, text_trainable: bool):
+    With `cached_latents` the first two inputs are the VAE posterior's mean and std (--cache_latents)
+    instead of images and a placeholder; with `cached_context`, `ids` is the text encoder's output
+    (--pre_compute_text_embeddings). Each is fixed when the graph compiles."""
+
+    def __init__(self, net, scale_factor: float, v_prediction: bool, text_trainable: bool,
+                 cached_latents: bool = False, cached_context: bool = False, text_mask: bool = False):
         super().__init__(auto_prefix=False)        # keep MindONE's parameter names
         self.unet, self.vae, self.text_encoder = net.unet, net.vae, net.text_encoder
         self.scale_factor = scale_factor
         self.v_prediction = v_prediction
         self.text_trainable = text_trainable
+        self.cached_latents, self.cached_context, self.text_mask = cached_latents, cached_context, text_mask
 
-    def construct(self, images, latent_noise, noise, coef_a, coef_b, timesteps, ids, loss_weights,
-                  instance_w, prior_w, prior_loss_weight, sens):
-        mean, logvar = self.vae.encode(images)
-        z = ops.stop_gradient((mean + ops.exp(0.5 * logvar) * latent_noise) * self.scale_factor)
+    def construct(self, images, latent_std, latent_noise, noise, coef_a, coef_b, timesteps, ids, mask,
+                  loss_weights, instance_w, prior_w, prior_loss_weight, sens):
+        if self.cached_latents:
+            mean, std = images, latent_std
+        else:
+            mean, logvar = self.vae.encode(images)
+            std = ops.exp(0.5 * logvar)
+        z = ops.stop_gradient((mean + std * latent_noise) * self.scale_factor)
         a = coef_a.reshape(-1, 1, 1, 1)
         b = coef_b.reshape(-1, 1, 1, 1)
         noisy = a * z + b * noise
         target = a * noise - b * z if self.v_prediction else noise
-        context = self.text_encoder(ids)
+        if self.cached_context:
+            context = ids
+        elif self.text_mask:
+            context = self.text_encoder(ids, mask)
+        else:
+            context = self.text_encoder(ids)
         if not self.text_trainable:
             context = ops.stop_gradient(context)
         pred = self.unet(noisy, timesteps, context)
@@ -115,11 +131,11 @@ class _GradStep(nn.Cell):
         self.grad_fn = ms.value_and_grad(self.loss_cell, None, self.params, has_aux=True)
         self.hyper_map = ops.HyperMap()
 
-    def construct(self, images, latent_noise, noise, coef_a, coef_b, timesteps, ids, loss_weights,
-                  instance_w, prior_w, prior_loss_weight, sens):
+    def construct(self, images, latent_std, latent_noise, noise, coef_a, coef_b, timesteps, ids, mask,
+                  loss_weights, instance_w, prior_w, prior_loss_weight, sens):
         (_, loss, instance, prior), grads = self.grad_fn(
-            images, latent_noise, noise, coef_a, coef_b, timesteps, ids, loss_weights, instance_w,
-            prior_w, prior_loss_weight, sens)
+            images, latent_std, latent_noise, noise, coef_a, coef_b, timesteps, ids, mask, loss_weights,
+            instance_w, prior_w, prior_loss_weight, sens)
         done = self.hyper_map(ops.assign_add, self.accum, grads)
         return ops.depend(loss, done), instance, prior
 
@@ -144,6 +160,8 @@ class _UpdateStep(nn.Cell):
         self.check_overflow = check_overflow
         self.reducer = (nn.DistributedGradReducer(params, mean=True, degree=world_size)
                         if world_size > 1 else None)
+        self.flag_sum = ops.AllReduce() if world_size > 1 else None
+        self.world_size = world_size
         self.kernel = ops.AdamWeightDecay()
         self.hyper_map = ops.HyperMap()
 
@@ -159,6 +177,8 @@ class _UpdateStep(nn.Cell):
         step = ops.partial(_adamw, self.kernel, lr, beta1, beta2, eps, decay, grad_scale)
         if self.check_overflow:
             finite = all_finite(grads)      # also reads Ascend's overflow status in saturation mode
+            if self.flag_sum is not None:   # that status is per device: every rank must skip together
+                finite = self.flag_sum(finite.astype(FP32)) > self.world_size - 0.5
             if finite:
                 norm = ops.depend(norm, self._apply(step, grads, ema_decay, ema_w))
         else:
@@ -184,6 +204,10 @@ class Trainer:
     `world_size`, `device`; `restart` begins a new run without recompiling."""
 
     def __init__(self, arch: ModelArch, weights: Dict[str, np.ndarray], args, lora_init: Optional[LoraSet] = None):
+        if args.use_8bit_adam:
+            raise UserError("--use_8bit_adam: bitsandbytes is CUDA/PyTorch-only and MindSpore has no 8-bit "
+                            "optimizer; on the ascend backend save optimizer memory with --use_lora True (Adam "
+                            "state for the adapters only)")
         self.arch = arch
         self.args = args
         self.device = setup(args.mode)
@@ -217,10 +241,14 @@ class Trainer:
         self.net = net
 
         self.loss_scaling = self.dtype == ms.float16
-        self.loss_cell = _LossCell(net, arch.scale_factor, arch.schedule.parameterization == "v", self.text_trainable)
+        self.loss_cell = _LossCell(net, arch.scale_factor, arch.schedule.parameterization == "v", self.text_trainable,
+                                   cached_latents=bool(args.cache_latents),
+                                   cached_context=bool(args.pre_compute_text_embeddings),
+                                   text_mask=bool(args.text_encoder_use_attention_mask))
         self.grad_step = _GradStep(self.loss_cell, params)
         self.params = self.grad_step.params
         self.update_step = self._update_cell()
+        self.clear_overflow = _overflow_clearer() if self.loss_scaling and self.device == "Ascend" else None
         self._reset_counters()
 
     def _update_cell(self) -> _UpdateStep:
@@ -232,6 +260,7 @@ class Trainer:
         self.growth_tracker = 0
         self.optimizer_step = 0
         self.ema_updates = 0
+        self.micro_in_group = 0
 
     def restart(self, weights: Dict[str, np.ndarray], args, lora_init: Optional[LoraSet] = None) -> None:
         """Begin a new run on the networks compiled already (compiling takes tens of seconds on a
@@ -259,17 +288,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
     def _inputs(self, batch: Dict[str, np.ndarray], sens: float) -> tuple:
-        n = len(batch["images"])
+        n = len(batch["timesteps"])
         n_inst = int(batch["n_instance"])
         instance_w = np.zeros(n, np.float32)
         instance_w[:n_inst] = 1.0 / n_inst
         prior_w = np.zeros(n, np.float32)
         if n > n_inst:
             prior_w[n_inst:] = 1.0 / (n - n_inst)
-        floats = [_tensor(batch[k]) for k in ("images", "latent_noise", "noise", "coef_a", "coef_b")]
-        ints = [Tensor(np.asarray(batch[k], np.int32)) for k in ("timesteps", "ids")]
-        return (*floats, *ints, _tensor(batch["loss_weights"]), _tensor(instance_w), _tensor(prior_w),
-                _tensor(batch["prior_loss_weight"]), _tensor(sens))
+        if "latent_mean" in batch:         # --cache_latents
+            pixels = [_tensor(batch["latent_mean"]), _tensor(batch["latent_std"])]
+        else:
+            pixels = [_tensor(batch["images"]), _tensor(np.zeros(1, np.float32))]
+        floats = pixels + [_tensor(batch[k]) for k in ("latent_noise", "noise", "coef_a", "coef_b")]
+        if "context" in batch:             # --pre_compute_text_embeddings
+            text, mask = _tensor(batch["context"]), _tensor(np.zeros(1, np.float32))
+        else:
+            text = Tensor(np.asarray(batch["ids"], np.int32))
+            mask = _tensor(attention_mask(batch["ids"]) if self.args.text_encoder_use_attention_mask else np.zeros(1))
+        return (*floats, Tensor(np.asarray(batch["timesteps"], np.int32)), text, mask, _tensor(batch["loss_weights"]),
+                _tensor(instance_w), _tensor(prior_w), _tensor(batch["prior_loss_weight"]), _tensor(sens))
+
+    def encode_latents(self, images: np.ndarray):
+        """The frozen VAE's posterior (mean, std) of `images`, float32 numpy (--cache_latents)."""
+        mean, logvar = self.net.vae.encode(_tensor(images))
+        return mean.asnumpy(), np.exp(np.float32(0.5) * logvar.asnumpy())
+
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """The frozen text encoder's output for `ids`, float32 numpy (--pre_compute_text_embeddings)."""
+        ids_t = Tensor(np.asarray(ids, np.int32))
+        if self.args.text_encoder_use_attention_mask:
+            return self.net.text_encoder(ids_t, _tensor(attention_mask(ids))).asnumpy().astype(np.float32)
+        return self.net.text_encoder(ids_t).asnumpy().astype(np.float32)
 
     def compute_loss(self, batch: Dict[str, np.ndarray]):
         """(loss, instance, prior) of one micro-batch, as MindSpore scalar tensors (no update)."""
@@ -279,12 +328,12 @@ class Trainer:
     def train_step(self, batch: Dict[str, np.ndarray], lr: float, update: bool) -> Dict[str, float]:
         """Forward and backward of one micro-batch; with `update`, the optimizer step too."""
         accum = self.args.gradient_accumulation_steps
+        if self.clear_overflow is not None and self.micro_in_group == 0:
+            self.clear_overflow()     # this accumulation group's overflow status starts clean
+        self.micro_in_group = 0 if update else self.micro_in_group + 1
         loss, instance, prior = self.grad_step(*self._inputs(batch, self.loss_scale / accum))
-        loss = float(loss.asnumpy())
-        if not math.isfinite(loss):
-            raise UserError(f"loss became {loss} (NaN/inf); lower the learning rate or use "
-                            f"--mixed_precision no. The last good checkpoint is kept.")
-        stats = {"loss": loss, "instance_loss": float(instance.asnumpy()), "prior_loss": float(prior.asnumpy())}
+        # device values: the train loop reads them once per logging interval (and checks the loss)
+        stats = {"loss": loss, "instance_loss": instance, "prior_loss": prior}
         if update:
             stats.update(self._update(lr))
         return stats
@@ -302,15 +351,19 @@ class Trainer:
         coefs = (fused_lr, beta1, beta2, a.adam_epsilon * bc2_sqrt, decay, 1.0 / self.loss_scale,
                  a.max_grad_norm, ema_decay, 1 - ema_decay)
         finite, norm = self.update_step(*(_tensor(c) for c in coefs))
-        applied = bool(finite.asnumpy())
-        stats: Dict[str, float] = {}
+        # only loss scaling can skip an update; reading its verdict is then the one sync per update
+        # (the host keeps the scale and the step count, as torch's GradScaler does)
+        applied = bool(finite.asnumpy()) if self.loss_scaling else True
+        stats: Dict[str, object] = {}
         if a.clip_grad:
-            stats["grad_norm"] = float(norm.asnumpy())
+            stats["grad_norm"] = norm
         if applied:
             self.optimizer_step += 1
             if a.use_ema:
                 self.ema_updates += 1
         if self.loss_scaling:      # torch.amp.GradScaler.update / MindONE's DynamicLossScaleUpdateCell
+            stats["skipped"] = float(not applied)
+            stats["loss_scale"] = self.loss_scale        # the scale this step's loss was computed with
             if applied:
                 self.growth_tracker += 1
                 if self.growth_tracker == a.scale_window:
@@ -319,8 +372,6 @@ class Trainer:
             else:
                 self.loss_scale /= a.loss_scale_factor
                 self.growth_tracker = 0
-            stats["skipped"] = float(not applied)
-            stats["loss_scale"] = self.loss_scale
         return stats
 
     def gradients(self) -> Dict[str, np.ndarray]:
@@ -415,13 +466,23 @@ class Trainer:
             self.net.set_train(True)
 
 
+def _overflow_clearer():
+    """Ascend (saturation mode) records float overflows in a status register that `all_finite`
+    reads and clears; reading it at the start of an accumulation group drops what ran before it
+    (validation or class images), as MindSpore's TrainOneStepWithLossScaleCell clears it before
+    each step. Elsewhere all_finite only checks its argument."""
+    dummy = (Tensor(np.zeros(1, np.float32)),)
+    return lambda: all_finite(dummy)
+
+
 def setup_key(args, lora_init: Optional[LoraSet]) -> tuple:
     """What a Trainer's compiled graphs depend on besides the architecture (and the batch shape,
     which MindSpore handles by itself): a Trainer can `restart` for any run with the same key."""
     lora = tuple(sorted((t, p.rank, p.alpha) for t, p in lora_init.items())) if args.use_lora and lora_init else ()
     return (bool(args.use_lora), bool(args.train_text_encoder) and not args.use_lora, lora,
             float(args.lora_dropout), bool(args.lora_fp16), str(args.mixed_precision), int(args.mode), bool(args.use_parallel),
-            bool(args.gradient_checkpointing))
+            bool(args.gradient_checkpointing), bool(args.cache_latents), bool(args.pre_compute_text_embeddings),
+            bool(args.text_encoder_use_attention_mask))
 
 
 def _load_weights(net: nn.Cell, ms_sd: Dict[str, np.ndarray]) -> None:

@@ -50,10 +50,10 @@ class AttnBlock(nn.Cell):
     def construct(self, x):
         b, c, h, w = x.shape
         y = self.norm(x)
-        q = self.q(y).reshape(b, c, h * w).transpose(0, 2, 1)       # (b, hw, c)
+        q = (self.q(y) * self.scale).reshape(b, c, h * w).transpose(0, 2, 1)   # (b, hw, c), scaled first
         k = self.k(y).reshape(b, c, h * w)                          # (b, c, hw)
         v = self.v(y).reshape(b, c, h * w).transpose(0, 2, 1)       # (b, hw, c)
-        probs = ops.softmax(ops.matmul(q, k).astype(FP32) * self.scale, -1).astype(v.dtype)
+        probs = ops.softmax(ops.matmul(q, k).astype(FP32), -1).astype(v.dtype)
         out = ops.matmul(probs, v).transpose(0, 2, 1).reshape(b, c, h, w)
         return x + self.proj_out(out)
 

@@ -36,6 +36,17 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def use_tf32(enabled: bool, device: torch.device) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (Ampere and newer; ~8x the fp32
+    rate at 10-bit mantissa, as diffusers' --allow_tf32). torch's per-backend `fp32_precision`
+    settings only: mixing them with the legacy `allow_tf32` switches is an error in torch >= 2.9."""
+    if device.type != "cuda":
+        return
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def warn_accelerate_precision(precision: str) -> None:
     """One line when the user's `accelerate config` (ACCELERATE_MIXED_PRECISION, which `accelerate
     launch` exports) asks for another precision than --mixed_precision: ours is used."""

@@ -29,8 +29,9 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_text(self, ids: np.ndarray) -> torch.Tensor:
-        ids = torch.from_numpy(np.asarray(ids, np.int64)).to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        # on the text encoder's own device: a trainer may keep a frozen one in host memory
+        ids = torch.from_numpy(np.asarray(ids, np.int64)).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].to(self.device, self.dtype)
 
     def concat_context(self, parts) -> torch.Tensor:
         """Contexts of a long prompt's chunks, joined along the sequence axis."""

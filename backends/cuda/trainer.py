@@ -19,8 +19,10 @@ from common.arch import ModelArch
 from common.atomic import atomic_path
 from common.errors import UserError
 from common.formats.lora import LoraSet
-from .device import compute_dtype, warn_accelerate_precision
+from common.tokenizer import attention_mask
+from .device import compute_dtype, use_tf32, warn_accelerate_precision
 from .lora import add_adapters, export_lora, lora_parameters
+from .optimizers import make_optimizer
 from .models import load_models, module_weights
 from .pipeline import Pipeline
 
@@ -42,6 +44,7 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.dtype = compute_dtype(args.mixed_precision, self.device)
+        use_tf32(args.allow_tf32, self.device)
         self.unet, self.vae, self.text_encoder, parts = load_models(arch, weights)
         self.base_parts = parts           # untouched components and extras, for saving
         self.lora_targets = sorted(lora_init) if lora_init else []
@@ -77,6 +80,10 @@ class Trainer:
                 m.to(self.dtype)
             for p in self.trainable.values():
                 p.data = p.data.float()
+        if args.pre_compute_text_embeddings and self.device.type == "cuda":
+            # it encodes a handful of prompts in the whole run: it waits in host memory, in fp32,
+            # leaving the GPU memory to the UNet (diffusers deletes it)
+            self.text_encoder.to("cpu", torch.float32)
         if args.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.text_trainable:
@@ -85,12 +92,9 @@ class Trainer:
         if self.text_trainable:
             self.text_encoder.train()
 
-        params = list(self.trainable.values())
-        betas = tuple(args.betas)
-        self.optimizer = (torch.optim.AdamW(params, lr=args.start_learning_rate, betas=betas,
-                                            eps=args.adam_epsilon, weight_decay=args.weight_decay)
-                          if args.optim == "adamw" else
-                          torch.optim.Adam(params, lr=args.start_learning_rate, betas=betas, eps=args.adam_epsilon))
+        if args.enable_xformers_memory_efficient_attention:
+            use_xformers(self.unet)
+        self.optimizer = make_optimizer(self.trainable.values(), args, self.device)
         self.scaler = None
         if self.dtype == torch.float16:
             self.scaler = torch.amp.GradScaler("cuda", init_scale=args.init_loss_scale,
@@ -107,33 +111,62 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
     def _t(self, x: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device, dtype)
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if self.device.type == "cuda":   # page-locked, so the copy is asynchronous and overlaps the step
+            return t.pin_memory().to(self.device, non_blocking=True).to(dtype)
+        return t.to(self.device, dtype)
 
     def compute_loss(self, batch: Dict[str, np.ndarray]):
         """Loss of one micro-batch (instance half first, class half after), as a tensor."""
-        images = batch["images"]
         n_inst = int(batch["n_instance"])
-        with torch.no_grad():
-            posterior = self.vae.encode(self._t(images, self.vae.dtype)).latent_dist
-            z = posterior.mean.float() + posterior.std.float() * self._t(batch["latent_noise"])
-            z = z * self.arch.scale_factor
+        if "latent_mean" in batch:         # --cache_latents
+            mean, std = self._t(batch["latent_mean"]), self._t(batch["latent_std"])
+        else:
+            mean, std = self.encode_latents(batch["images"], to_host=False)
+        z = (mean + std * self._t(batch["latent_noise"])) * self.arch.scale_factor
         noise = self._t(batch["noise"])
         a = self._t(batch["coef_a"]).view(-1, 1, 1, 1)
         b = self._t(batch["coef_b"]).view(-1, 1, 1, 1)
         noisy = a * z + b * noise
         target = noise if self.arch.schedule.parameterization == "eps" else a * noise - b * z
         timesteps = self._t(batch["timesteps"], torch.long)
-        ids = self._t(batch["ids"], torch.long)
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        with autocast:
-            with torch.set_grad_enabled(self.text_trainable):
-                context = self.text_encoder(ids)[0]
+        with self._autocast():
+            if "context" in batch:         # --pre_compute_text_embeddings
+                context = self._t(batch["context"])
+            else:
+                with torch.set_grad_enabled(self.text_trainable):
+                    context = self._encode_text(batch["ids"])
             pred = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)) * self._t(batch["loss_weights"])
         instance = per_sample[:n_inst].mean()
         prior = per_sample[n_inst:].mean() if len(per_sample) > n_inst else torch.zeros_like(instance)
         loss = instance + float(batch["prior_loss_weight"]) * prior
         return loss, instance, prior
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @torch.no_grad()
+    def encode_latents(self, images: np.ndarray, to_host: bool = True):
+        """The frozen VAE's posterior (mean, std) of `images`, float32 (numpy with `to_host`: what
+        --cache_latents keeps)."""
+        posterior = self.vae.encode(self._t(images, self.vae.dtype)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+        return (mean.cpu().numpy(), std.cpu().numpy()) if to_host else (mean, std)
+
+    @torch.no_grad()
+    def encode_text(self, ids: np.ndarray) -> np.ndarray:
+        """The frozen text encoder's output for `ids` as the step computes it, float32 numpy
+        (--pre_compute_text_embeddings)."""
+        with self._autocast():
+            return self._encode_text(ids).float().cpu().numpy()
+
+    def _encode_text(self, ids: np.ndarray) -> torch.Tensor:
+        device = next(self.text_encoder.parameters()).device   # the host when --pre_compute_text_embeddings parks it
+        mask = attention_mask(ids) if self.args.text_encoder_use_attention_mask else None
+        mask = torch.from_numpy(mask).to(device, torch.long) if mask is not None else None
+        ids = torch.from_numpy(np.ascontiguousarray(ids)).to(device, torch.long)
+        return self.text_encoder(ids, attention_mask=mask)[0].to(self.device)
 
     def train_step(self, batch: Dict[str, np.ndarray], lr: float, update: bool) -> Dict[str, float]:
         """Forward and backward of one micro-batch; with `update`, the optimizer step too."""
@@ -145,14 +178,13 @@ class Trainer:
                 for model in models:
                     stack.enter_context(self.accelerator.no_sync(model))
             loss, instance, prior = self.compute_loss(batch)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} (NaN/inf); lower the learning rate or use "
-                                f"--mixed_precision bf16/no. The last good checkpoint is kept.")
             scaled = loss / accum
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             self.accelerator.backward(scaled)
-        stats = {"loss": loss.item(), "instance_loss": instance.item(), "prior_loss": prior.item()}
+        # device values: the train loop reads them once per logging interval (and checks the loss),
+        # so a step queues its work without waiting for the device
+        stats = {"loss": loss.detach(), "instance_loss": instance.detach(), "prior_loss": prior.detach()}
         if update:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -160,13 +192,15 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if self.args.clip_grad:
-                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm))
+                stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
             if self.scaler is not None:
-                scale_before = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)      # skipped when gradients overflowed
+                # GradScaler's step skips an overflowing update (a NaN loss included) and update()
+                # lowers the scale; reading the scale costs nothing more: step() has synchronised.
+                used = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
                 self.scaler.update()
-                stats["skipped"] = float(self.scaler.get_scale() < scale_before)
-                stats["loss_scale"] = self.scaler.get_scale()
+                stats["skipped"] = float(self.scaler.get_scale() < used)
+                stats["loss_scale"] = used
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -226,6 +260,7 @@ class Trainer:
     def save_state(self, path: str) -> None:
         """Optimizer, loss scaler, EMA and the trainable weights, for an exact resume."""
         state = {"trainable": {k: p.detach().cpu() for k, p in self.trainable.items()},
+                 "optimizer_kind": type(self.optimizer).__name__,
                  "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "ema": {k: v.cpu() for k, v in self.ema.items()} if self.ema is not None else None,
@@ -240,6 +275,10 @@ class Trainer:
             raise UserError(f"cannot read training state {path}: {e.__class__.__name__}") from None
         if set(state["trainable"]) != set(self.trainable):
             raise UserError(f"training state {path} belongs to a different training mode or model")
+        kind = state.get("optimizer_kind", "AdamW" if self.args.optim == "adamw" else "Adam")
+        if kind != type(self.optimizer).__name__:
+            raise UserError(f"training state {path} holds {kind} moments; this run uses {type(self.optimizer).__name__} "
+                            f"(resume with the same --optim / --use_8bit_adam)")
         with torch.no_grad():
             for k, p in self.trainable.items():
                 p.copy_(state["trainable"][k])
@@ -252,6 +291,17 @@ class Trainer:
 
     def pipeline(self) -> "EvalPipeline":
         return EvalPipeline(self)
+
+
+def use_xformers(unet) -> None:
+    """diffusers' --enable_xformers_memory_efficient_attention: xFormers when installed; otherwise
+    PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels), diffusers' default."""
+    import importlib.util
+    if importlib.util.find_spec("xformers") is None:
+        log.info("xformers is not installed: attention uses PyTorch's scaled_dot_product_attention "
+                 "(memory-efficient kernels), as diffusers does by default")
+        return
+    unet.enable_xformers_memory_efficient_attention()
 
 
 class EvalPipeline(Pipeline):

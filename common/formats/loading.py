@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from common.arch import ModelArch
+from common.arch import ModelArch, load_arch
 from common.errors import UserError
 from common.formats import keymap, mindspore_layout
 from common.formats.checkpoint_io import (checkpoint_format, load_diffusers_folder, load_state_dict,
@@ -16,6 +16,20 @@ from common.formats.checkpoint_io import (checkpoint_format, load_diffusers_fold
 from common.formats.lora import (DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, MINDSPORE_WEIGHT_NAME, LoraSet,
                                  from_state_dict)
 from common.formats.mindspore_layout import is_mindspore_lora, lora_from_mindspore
+
+
+DEFAULT_MODEL_CONFIG = "configs/v2-inference.yaml"      # MindONE's default architecture
+
+
+def model_arch(config: Optional[str], weights_path: Optional[str]) -> ModelArch:
+    """The architecture a run uses: the yaml given; otherwise, for a diffusers folder, the one its
+    configs describe (diffusers users pass no yaml); otherwise MindONE's default (SD 2.x)."""
+    if config:
+        return load_arch(config)
+    if weights_path and os.path.isdir(weights_path) and checkpoint_format(weights_path) == "diffusers":
+        from common.formats.diffusers_arch import arch_from_diffusers
+        return arch_from_diffusers(weights_path)
+    return load_arch(DEFAULT_MODEL_CONFIG)
 
 
 def load_model_weights(path: str, arch, *, ema: bool = False, keep_bf16: bool = False,

@@ -25,7 +25,8 @@ def ensure_class_images(backend, group, arch, weights, tokenizer, args) -> int:
     log.info("generating %d class images for %r in %s (%d already there)", missing, args.class_prompt,
              args.class_data_dir, have)
     os.makedirs(args.class_data_dir, exist_ok=True)
-    pipe = backend.Pipeline(arch, weights, precision=args.mixed_precision, **group.pipeline_options)
+    precision = args.prior_generation_precision or args.mixed_precision
+    pipe = backend.Pipeline(arch, weights, precision=precision, **group.pipeline_options)
     settings = SampleSettings(sampler=args.sampler, steps=args.sampling_steps, scale=args.scale,
                               height=args.image_size, width=args.image_size, seed=args.seed, progress=False)
     made = 0

@@ -1,6 +1,7 @@
 """DreamBooth data pipeline shared by both backends (numpy + PIL only).
 
-Images are decoded on the fly, one batch at a time, into float32 CHW arrays in [-1, 1]. Every
+Images are decoded and resized once and kept (`_ImageCache`); each batch crops and flips them into
+float32 CHW arrays in [-1, 1], optionally in worker threads ahead of the training step. Every
 random choice (epoch shuffle, crop offsets, flips, class-image picks) comes from
 `common.rng.Streams` keyed by (seed, epoch, global item index), so:
 
@@ -18,6 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -33,6 +37,7 @@ logger = logging.getLogger(__name__)
 # Caption / metadata / readme files that commonly sit next to training images: ignored silently.
 _SIDECAR_EXTENSIONS = (".csv", ".json", ".jsonl", ".txt", ".caption", ".yaml", ".yml", ".md")
 _CROPS = ("center", "random")
+DEFAULT_CACHE_BYTES = 4 << 30   # decoded, resized images kept in memory (instance + class images)
 
 
 def _probe(path: str) -> bool:
@@ -92,42 +97,85 @@ def count_images(folder: str) -> int:
 
 
 
-def load_image(path: str, size: int, crop: str, flip: bool, rng: np.random.Generator | None) -> np.ndarray:
-    """Decode one image into a float32 [3, size, size] array in [-1, 1].
+INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+                  "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
-    EXIF orientation is applied, the shorter side is resized to `size` (bicubic, antialiased when
-    shrinking), then a `crop` ("center" or "random", offsets from `rng`) square is cut and mirrored
-    left-right when `flip` is True. `rng` is only needed for crop="random".
-    """
-    if crop not in _CROPS:
-        raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}")
-    if crop == "random" and rng is None:
-        raise ValueError("crop='random' needs an rng")
+
+def load_resized(path: str, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Decode one image (EXIF orientation applied, RGB) with its shorter side resized to `size`
+    (bicubic by default; PIL antialiases when shrinking), as a uint8 [H, W, 3] array: the
+    expensive, deterministic part of loading, which the dataset caches."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             im = to_rgb(im)
+            w, h = im.size
+            scale = size / min(w, h)
+            # max() guards the long side against rounding below `size` for extreme aspect ratios.
+            new = (size, max(size, round(h * scale))) if w <= h else (max(size, round(w * scale)), size)
+            if new != (w, h):
+                im = im.resize(new, INTERPOLATIONS[interpolation])
+            return np.asarray(im, dtype=np.uint8)
     except Exception as e:
         raise UserError(f"cannot decode image {path}: {e}") from e
 
-    w, h = im.size
-    scale = size / min(w, h)
-    # max() guards the long side against rounding below `size` for extreme aspect ratios.
-    new_w, new_h = (size, max(size, round(h * scale))) if w <= h else (max(size, round(w * scale)), size)
-    if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), Image.BICUBIC)
 
+def crop_flip(resized: np.ndarray, size: int, crop: str, flip: bool, rng: np.random.Generator | None) -> np.ndarray:
+    """A `crop` ("center" or "random", offsets from `rng`) square of a `load_resized` image, mirrored
+    left-right when `flip`, as a float32 [3, size, size] array in [-1, 1]."""
+    if crop not in _CROPS:
+        raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}")
+    if crop == "random" and rng is None:
+        raise ValueError("crop='random' needs an rng")
+    h, w = resized.shape[:2]
     if crop == "center":
-        left, top = (new_w - size) // 2, (new_h - size) // 2
+        left, top = (w - size) // 2, (h - size) // 2
     else:
-        top = int(rng.integers(0, new_h - size + 1))
-        left = int(rng.integers(0, new_w - size + 1))
-    im = im.crop((left, top, left + size, top + size))
+        top = int(rng.integers(0, h - size + 1))
+        left = int(rng.integers(0, w - size + 1))
+    arr = resized[top:top + size, left:left + size]
     if flip:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
-    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+def load_image(path: str, size: int, crop: str, flip: bool, rng: np.random.Generator | None) -> np.ndarray:
+    """Decode one image into a float32 [3, size, size] array in [-1, 1]: `load_resized`, then
+    `crop_flip`. `rng` is only needed for crop="random"."""
+    if crop not in _CROPS:
+        raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}")
+    return crop_flip(load_resized(path, size), size, crop, flip, rng)
+
+
+class _ImageCache:
+    """`load_resized` images by path, least recently used dropped beyond `max_bytes`. Every epoch
+    reads the same few instance images tens of times (train_data_repeats) and the class images
+    again: decoding and resizing them once takes the host off the step's critical path."""
+
+    def __init__(self, size: int, max_bytes: int, interpolation: str = "bicubic"):
+        self.size, self.max_bytes, self.interpolation = size, int(max_bytes), interpolation
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, path: str) -> np.ndarray:
+        with self._lock:
+            path_lock = self._loading.setdefault(path, threading.Lock())
+        with path_lock:          # one decode per file; other files decode in parallel meanwhile
+            with self._lock:
+                if path in self._items:
+                    self._items.move_to_end(path)
+                    return self._items[path]
+            arr = load_resized(path, self.size, self.interpolation)
+            arr.setflags(write=False)
+            with self._lock:
+                if arr.nbytes <= self.max_bytes:
+                    self._items[path] = arr
+                    self._bytes += arr.nbytes
+                    while self._bytes > self.max_bytes:
+                        self._bytes -= self._items.popitem(last=False)[1].nbytes
+            return arr
 
 
 class DreamBoothDataset:
@@ -140,7 +188,8 @@ class DreamBoothDataset:
 
     def __init__(self, instance_dir: str, instance_prompt: str, tokenizer: Callable[[list[str]], np.ndarray],
                  image_size: int, *, class_dir: str | None = None, class_prompt: str | None = None,
-                 repeats: int = 1, random_crop: bool = False, flip: bool = False, seed: int = 0):
+                 repeats: int = 1, random_crop: bool = False, flip: bool = False, seed: int = 0,
+                 workers: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES, interpolation: str = "bicubic"):
         if int(image_size) <= 0:
             raise UserError(f"image_size must be a positive integer, got {image_size}")
         if int(repeats) != repeats or repeats < 1:
@@ -154,6 +203,8 @@ class DreamBoothDataset:
         self.flip = bool(flip)
         self.seed = int(seed)
         self._streams = Streams(self.seed)
+        self.workers = int(workers)
+        self._cache = _ImageCache(self.image_size, cache_bytes, interpolation)
 
         self.instance_paths = list_images(instance_dir, "instance")
         self.class_paths = list_images(class_dir, "class") if class_dir is not None else None
@@ -192,8 +243,8 @@ class DreamBoothDataset:
                 drop_last: bool = True, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Yield this rank's batches for `epoch`.
 
-        Keys: "instance_images" float32 [B, 3, S, S], "instance_ids" int64 [B, L], and with a class
-        dir "class_images" / "class_ids" of the same shapes. With drop_last=False the last global
+        Keys: "instance_images" float32 [B, 3, S, S], "instance_ids" int64 [B, L], "instance_paths"
+        (each item's file), and with a class dir "class_images" / "class_ids" / "class_paths" alike. With drop_last=False the last global
         batch is filled up by wrapping around the epoch order, so every batch keeps its shape (static
         shapes for graph mode) and every rank takes the same number of steps. `start_step` skips
         steps without decoding them (mid-epoch resume).
@@ -203,29 +254,50 @@ class DreamBoothDataset:
         global_bs = self._global_batch(batch_size, world_size)
         steps = self.steps_per_epoch(batch_size, world_size, drop_last=drop_last)
         order = np.resize(self.epoch_order(epoch), steps * global_bs)  # np.resize cycles when padding
-        for step in range(start_step, steps):
+
+        def batch(step: int) -> dict[str, np.ndarray]:
             first = step * global_bs + rank * batch_size
-            yield self._make_batch(epoch, range(first, first + batch_size), order)
+            return self._make_batch(epoch, range(first, first + batch_size), order)
+
+        if self.workers <= 0:
+            yield from map(batch, range(start_step, steps))
+            return
+        # Worker threads build the next batches while the device trains on this one: PIL's decode
+        # and resize and numpy's copies release the GIL, and every random draw is keyed by item,
+        # so the batches are the same as without workers. (Threads, not processes: nothing to
+        # pickle, and no fork of a process that holds a CUDA or MindSpore context.)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="data") as pool:
+            ahead: deque = deque()
+            next_step = start_step
+            while ahead or next_step < steps:
+                while next_step < steps and len(ahead) < 2 * self.workers:
+                    ahead.append(pool.submit(batch, next_step))
+                    next_step += 1
+                yield ahead.popleft().result()
 
     def _make_batch(self, epoch: int, global_indices: Sequence[int], order: np.ndarray) -> dict[str, np.ndarray]:
-        inst, cls = [], []
+        inst, cls, inst_paths, cls_paths = [], [], [], []
         for g in global_indices:
             aug = self._streams.generator("data.augment", epoch, g)
-            inst.append(self._augmented(self.instance_paths[order[g]], aug))
+            inst_paths.append(self.instance_paths[order[g]])
+            inst.append(self._augmented(inst_paths[-1], aug))
             if self.class_paths is not None:
                 pick = int(self._streams.generator("data.class", epoch, g).integers(len(self.class_paths)))
-                cls.append(self._augmented(self.class_paths[pick], aug))
+                cls_paths.append(self.class_paths[pick])
+                cls.append(self._augmented(cls_paths[-1], aug))
         n = len(inst)
-        batch = {"instance_images": np.stack(inst), "instance_ids": np.repeat(self.instance_ids[None], n, 0)}
+        batch = {"instance_images": np.stack(inst), "instance_ids": np.repeat(self.instance_ids[None], n, 0),
+                 "instance_paths": inst_paths}
         if self.class_paths is not None:
             batch["class_images"] = np.stack(cls)
             batch["class_ids"] = np.repeat(self.class_ids[None], n, 0)
+            batch["class_paths"] = cls_paths
         return batch
 
     def _augmented(self, path: str, rng: np.random.Generator) -> np.ndarray:
         # The flip coin is drawn even when flipping is off, so turning it on does not move crops.
         coin = rng.random() < 0.5
-        return load_image(path, self.image_size, self.crop, self.flip and coin, rng)
+        return crop_flip(self._cache.get(path), self.image_size, self.crop, self.flip and coin, rng)
 
     @staticmethod
     def _global_batch(batch_size: int, world_size: int) -> int:

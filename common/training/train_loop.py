@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -22,11 +23,13 @@ from tqdm.auto import tqdm
 from common.formats import checkpoint_io, lora as lora_fmt
 from common.formats import keymap, loading
 from common.atomic import atomic_path
-from common.arch import ModelArch, load_arch
+from common.arch import ModelArch
+from common.formats.loading import model_arch
 from common.training.class_images import ensure_class_images
 from common.config import dump_args
 from common.cli import check_output_dir
 from common.training.data import DreamBoothDataset, count_images, list_images
+from common.training.lr_schedules import LRSchedule
 from common.errors import UserError
 from common.diffusion.generate import SampleSettings, text_to_image
 from common.images import make_grid, save_png
@@ -44,37 +47,36 @@ _CKPT_RE = re.compile(r"^(?:sd|lora)-(\d+)(?:\.safetensors|\.ckpt)?$")
 _STATE_RE = re.compile(rf"^{STATE_NAME}(?:-\d+)?\.pt$")
 
 
-def learning_rate(args, step: int) -> float:
-    """Linear warmup to start_learning_rate, then constant (or linear decay to end_learning_rate
-    over decay_steps). `step` counts optimizer steps already taken."""
-    lr = args.start_learning_rate
-    if args.warmup_steps and step < args.warmup_steps:
-        return lr * (step + 1) / args.warmup_steps
-    if args.decay_steps and args.end_learning_rate is not None:
-        progress = min(1.0, (step - args.warmup_steps) / args.decay_steps)
-        return lr + (args.end_learning_rate - lr) * progress
-    return lr
+def lr_schedule(args, total_steps: int) -> LRSchedule:
+    """The learning rate per optimizer step: --lr_scheduler with diffusers' arguments, or (the
+    default, "mindone") MindONE's --warmup_steps / --decay_steps / --end_learning_rate."""
+    name = args.lr_scheduler
+    # diffusers' get_scheduler passes --lr_num_cycles to cosine_with_restarts only (cosine keeps 0.5)
+    return LRSchedule(name, args.start_learning_rate, warmup_steps=args.warmup_steps, total_steps=total_steps,
+                      num_cycles=args.lr_num_cycles if name == "cosine_with_restarts" else None,
+                      power=args.lr_power, decay_steps=args.decay_steps, end_lr=args.end_learning_rate)
 
 
 def step_inputs(schedule: NoiseSchedule, args, micro: int, rank: int, world: int, batch_size: int,
                 latent_shape, with_class: bool) -> Dict[str, np.ndarray]:
-    """The random inputs of one micro-batch. They are drawn for the global batch (all ranks) and
-    sliced, so N processes with batch B see what one process with batch N*B sees."""
+    """The random inputs of one micro-batch, drawn by this rank for its own items only. Each item's
+    draws are keyed by its index in the global batch, so N processes with batch B see what one
+    process with batch N*B sees."""
     streams = Streams(args.seed)
     halves = 2 if with_class else 1
-    g = batch_size * world
-    sl = slice(rank * batch_size, (rank + 1) * batch_size)
+    items = range(rank * batch_size, (rank + 1) * batch_size)
+    shape = tuple(latent_shape)
     out: Dict[str, List[np.ndarray]] = {k: [] for k in ("latent_noise", "noise", "timesteps")}
     for half in range(halves):
-        shape = (g,) + tuple(latent_shape)
-        noise = streams.normal("train.noise", shape, micro, half)
-        if args.offset_noise:
-            offset = streams.normal("train.offset", (g, shape[1], 1, 1), micro, half)
-            noise = noise + np.float32(args.offset_noise) * offset
-        out["noise"].append(noise[sl])
-        out["latent_noise"].append(streams.normal("train.latent", shape, micro, half)[sl])
-        out["timesteps"].append(streams.integers("train.t", schedule.num_train_timesteps, (g,), micro, half)[sl])
-    arrays = {k: np.concatenate(v) for k, v in out.items()}
+        for item in items:
+            noise = streams.normal("train.noise", shape, micro, half, item)
+            if args.offset_noise:
+                offset = streams.normal("train.offset", (shape[0], 1, 1), micro, half, item)
+                noise = noise + np.float32(args.offset_noise) * offset
+            out["noise"].append(noise)
+            out["latent_noise"].append(streams.normal("train.latent", shape, micro, half, item))
+            out["timesteps"].append(streams.integers("train.t", schedule.num_train_timesteps, (), micro, half, item))
+    arrays = {k: np.stack(v) for k, v in out.items()}
     t = arrays["timesteps"]
     arrays["coef_a"], arrays["coef_b"] = schedule.coefficients(t)
     arrays["loss_weights"] = (schedule.min_snr_weights(t, args.snr_gamma).astype(np.float32)
@@ -82,16 +84,56 @@ def step_inputs(schedule: NoiseSchedule, args, micro: int, rank: int, world: int
     return arrays
 
 
-def make_batch(data: Dict[str, np.ndarray], randoms: Dict[str, np.ndarray], prior_loss_weight: float):
-    images = data["instance_images"]
-    ids = data["instance_ids"]
-    if "class_images" in data:
-        images = np.concatenate([images, data["class_images"]])
-        ids = np.concatenate([ids, data["class_ids"]])
+def make_batch(data: Dict[str, np.ndarray], randoms: Dict[str, np.ndarray], prior_loss_weight: float,
+               encoded: Optional["EncodedInputs"] = None):
+    """One micro-batch for the trainer: instance rows first, class rows after, with the step's
+    random inputs. `encoded` replaces images by cached VAE latents and prompt ids by cached text
+    embeddings, when the run asks for them."""
+    halves = ("instance", "class") if "class_images" in data else ("instance",)
+    images = np.concatenate([data[f"{h}_images"] for h in halves])
+    ids = np.concatenate([data[f"{h}_ids"] for h in halves])
     batch = dict(randoms)
-    batch.update(images=images, ids=ids, n_instance=len(data["instance_images"]),
-                 prior_loss_weight=prior_loss_weight)
+    batch.update(n_instance=len(data["instance_images"]), prior_loss_weight=prior_loss_weight)
+    if encoded is not None and encoded.latents is not None:
+        paths = [p for h in halves for p in data[f"{h}_paths"]]
+        batch["latent_mean"], batch["latent_std"] = encoded.posterior(paths, images)
+    else:
+        batch["images"] = images
+    if encoded is not None and encoded.contexts is not None:
+        batch["context"] = encoded.context(ids)
+    else:
+        batch["ids"] = ids
     return batch
+
+
+class EncodedInputs:
+    """What the frozen parts would compute again every step, computed once: the VAE posterior
+    (mean, std) of each training image (kohya's --cache_latents; valid because crops are centred
+    and unflipped, so a file always gives the same pixels; the posterior is still sampled per step
+    with the step's noise, so the loss is the same) and the text encoder's output per prompt
+    (diffusers' --pre_compute_text_embeddings). Filled lazily, on first use, by the trainer."""
+
+    def __init__(self, trainer, latents: bool, contexts: bool):
+        self.trainer = trainer
+        self.latents: Optional[Dict[str, tuple]] = {} if latents else None
+        self.contexts: Optional[Dict[bytes, np.ndarray]] = {} if contexts else None
+
+    def posterior(self, paths: List[str], images: np.ndarray):
+        missing = [i for i, p in enumerate(paths) if p not in self.latents]
+        if missing:
+            mean, std = self.trainer.encode_latents(images[missing])
+            for j, i in enumerate(missing):
+                self.latents[paths[i]] = (mean[j], std[j])
+        return tuple(np.stack([self.latents[p][k] for p in paths]) for k in (0, 1))
+
+    def context(self, ids: np.ndarray) -> np.ndarray:
+        keys = [row.tobytes() for row in ids]
+        missing = sorted({k for k in keys if k not in self.contexts})
+        if missing:
+            rows = np.stack([np.frombuffer(k, ids.dtype) for k in missing])
+            for k, c in zip(missing, self.trainer.encode_text(rows)):
+                self.contexts[k] = c
+        return np.stack([self.contexts[k] for k in keys])
 
 
 # --------------------------------------------------------------------------- run folder
@@ -264,7 +306,7 @@ def mindone_lora_ok(lora: lora_fmt.LoraSet, arch: ModelArch) -> bool:
 
 
 def run_training(args, backend) -> Dict[str, object]:
-    arch = load_arch(args.model_config).with_clip_skip(args.clip_skip)
+    arch = model_arch(args.model_config, args.pretrained_model_path).with_clip_skip(args.clip_skip)
     arch.check_image_size(args.image_size, "--image_size")
     check_output_dir(args.output_path, "--output_path")
     if args.with_prior_preservation and count_images(args.class_data_dir) < args.num_class_images:
@@ -287,11 +329,14 @@ def run_training(args, backend) -> Dict[str, object]:
             ensure_class_images(backend, group, arch, weights, tokenizer, args)
         group.barrier()
     prior = args.with_prior_preservation
-    dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt, tokenizer, args.image_size,
+    dataset = DreamBoothDataset(args.instance_data_dir, args.instance_prompt,
+                                tokenizer_for(arch.text, args.tokenizer_path, args.tokenizer_max_length),
+                                args.image_size,
                                 class_dir=args.class_data_dir if prior else None,
                                 class_prompt=args.class_prompt if prior else None,
                                 repeats=args.train_data_repeats, random_crop=args.random_crop,
-                                flip=args.random_flip, seed=args.seed)
+                                flip=args.random_flip, seed=args.seed, workers=args.dataloader_num_workers,
+                                interpolation=args.image_interpolation_mode)
 
     lora_init = initial_lora(args, arch) if args.use_lora else None
     if lora_init and wants_mindone_lora(args) and not mindone_lora_ok(lora_init, arch):
@@ -310,12 +355,14 @@ def run_training(args, backend) -> Dict[str, object]:
     steps_per_epoch = micro_per_epoch // accum
     used_per_epoch = steps_per_epoch * accum  # a partial accumulation group at an epoch's end is dropped
     total = args.max_train_steps or args.epochs * steps_per_epoch
+    learning_rate = lr_schedule(args, total)
+    encoded = EncodedInputs(trainer, args.cache_latents, args.pre_compute_text_embeddings)
     f = arch.vae.downsample_factor
     latent_shape = (arch.vae.embed_dim, args.image_size // f, args.image_size // f)
 
     step = micro = 0
     if args.resume is not None:
-        step, micro = resume_state(folder, trainer, args.resume)
+        step, micro = resume_state(folder, trainer, args.resume, start_if_none=args.resume_if_any)
         if main:
             log.info("resumed at step %d", step)
     if main:
@@ -324,47 +371,104 @@ def run_training(args, backend) -> Dict[str, object]:
                  "LoRA" if args.use_lora else "full model", trainer.device, total, steps_per_epoch,
                  args.train_batch_size, world, accum)
     bar = tqdm(total=total, initial=step, desc="train", disable=not main, dynamic_ncols=True)
+    board = open_report(args) if main else None
+    steps_log = StepLog(folder.loss_log if main else None, bar, args.callback_size, board)
     t0 = time.time()
     last_saved = step if args.resume is not None else -1
     while step < total:
         epoch, first = divmod(micro, used_per_epoch)
-        for index, data in enumerate(dataset.batches(args.train_batch_size, epoch, rank=rank, world_size=world)):
-            if index < first:
-                continue  # already trained on before the resume
+        for index, data in enumerate(dataset.batches(args.train_batch_size, epoch, rank=rank, world_size=world,
+                                                     start_step=first), start=first):
             if index >= used_per_epoch:
                 break
             update = (micro + 1) % accum == 0
             randoms = step_inputs(schedule, args, micro, rank, world, args.train_batch_size, latent_shape,
                                   "class_images" in data)
-            stats = trainer.train_step(make_batch(data, randoms, args.prior_loss_weight),
-                                       learning_rate(args, step), update)
+            stats = trainer.train_step(make_batch(data, randoms, args.prior_loss_weight, encoded),
+                                       learning_rate(step), update)
             micro += 1
             if not update:
                 continue
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            if main:
-                log_loss(folder.loss_log, step, epoch, stats, learning_rate(args, step - 1), time.time() - t0)
-                if args.callback_size and step % args.callback_size == 0:
-                    log.debug("step %d loss %.5f", step, stats["loss"])
+            steps_log.add(step, epoch, stats, learning_rate(step - 1), time.time() - t0)
             end_of_epoch = index + 1 == used_per_epoch
             due = (step % args.ckpt_save_steps == 0) if args.ckpt_save_steps else \
                 (end_of_epoch and (epoch + 1) % args.ckpt_save_interval == 0)
             if due or step == total:
+                steps_log.flush()                # a NaN loss stops the run before it is saved
                 save_checkpoint(folder, trainer, arch, args, step, micro, main)
                 last_saved = step
-            if main and args.validation_prompts and (step % args.validation_steps == 0 or step == total):
-                validate(trainer, arch, tokenizer, args, folder, step)
+            if main and args.validation_prompts and validation_due(args, step, total, epoch, end_of_epoch):
+                steps_log.flush()
+                validate(trainer, arch, tokenizer, args, folder, step, board)
             if step >= total:
                 break
+    steps_log.flush()
     bar.close()
+    if board is not None:
+        board.close()
     if last_saved != step:
         save_checkpoint(folder, trainer, arch, args, step, micro, main)
     latest = folder.checkpoints()[-1] if folder.checkpoints() else None
     if main:
         log.info("done: %d steps; latest checkpoint %s", step, latest)
     return {"steps": step, "checkpoint": latest, "output_path": args.output_path}
+
+
+MIN_LOSS_SCALE = 1.0     # below this, a non-finite loss is not an fp16 overflow that scaling can fix
+
+
+def check_loss(step: int, values: Dict[str, float]) -> None:
+    """A non-finite loss under dynamic loss scaling is a transient overflow: the trainer skipped
+    that update and lowered the scale (both backends, as torch's GradScaler does). It stops the run
+    only once the scale it was computed with is down to MIN_LOSS_SCALE, or at once without scaling."""
+    loss = values["loss"]
+    if math.isfinite(loss):
+        return
+    scale = values.get("loss_scale")
+    if scale is not None and scale > MIN_LOSS_SCALE:
+        log.warning("step %d: loss %s at loss scale %g; update skipped, scale lowered", step, loss, scale)
+        return
+    where = f"at step {step}" + (f", loss scale {scale:g}" if scale is not None else "")
+    raise UserError(f"loss became {loss} (NaN/inf) {where}; lower the learning rate or use "
+                    f"--mixed_precision bf16/no. The last good checkpoint is kept.")
+
+
+class StepLog:
+    """Each update's statistics as the trainer returns them (device values), read in one go every
+    `interval` steps and before anything is saved: one device synchronisation per logging interval
+    instead of several per step. Reading checks the loss (`check_loss`), writes loss.csv rows
+    (`path`, on the main process) and the TensorBoard scalars (`board`)."""
+
+    def __init__(self, path: Optional[str], bar, interval: int, board=None):
+        self.path, self.bar, self.interval, self.board = path, bar, max(1, int(interval)), board
+        self.pending: List[tuple] = []
+
+    def add(self, step: int, epoch: int, stats: Dict[str, object], lr: float, seconds: float) -> None:
+        self.pending.append((step, epoch, stats, lr, seconds))
+        if len(self.pending) >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        for step, epoch, stats, lr, seconds in self.pending:
+            values = {k: float(v) for k, v in stats.items()}
+            check_loss(step, values)
+            if self.path:
+                log_loss(self.path, step, epoch, values, lr, seconds)
+            if self.board is not None:
+                self.board.scalars(step, {**{f"train/{k}": v for k, v in values.items()}, "train/lr": lr})
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}")
+            log.debug("step %d loss %.5f", step, values["loss"])
+        self.pending.clear()
+
+
+def open_report(args):
+    """diffusers' --report_to: TensorBoard event files in output_path/logging_dir, or nothing."""
+    if args.report_to == "none":
+        return None
+    from common.training.tensorboard_log import TensorBoardLog
+    return TensorBoardLog(os.path.join(args.output_path, args.logging_dir))
 
 
 def log_loss(path: str, step: int, epoch: int, stats: Dict[str, float], lr: float, seconds: float) -> None:
@@ -390,12 +494,16 @@ def save_checkpoint(folder: RunFolder, trainer, arch: ModelArch, args, step: int
                                            ss_learning_rate=args.start_learning_rate)
         save_lora_folder(lora, path, metadata=metadata,
                          mindspore_arch=arch if wants_mindone_lora(args) and mindone_lora_ok(lora, arch) else None)
-    elif args.save_format == "mindspore":
-        path = os.path.join(folder.ckpt, f"sd-{step}.ckpt")
-        checkpoint_io.save_mindspore_ckpt(path, ldm_to_mindspore(trainer.export_weights(), arch), overwrite=True)
     else:
-        path = os.path.join(folder.ckpt, f"sd-{step}.{args.save_format}")
-        checkpoint_io.save_state_dict(path, trainer.export_weights(), overwrite=True)
+        weights = trainer.export_weights()
+        if args.skip_save_text_encoder:      # diffusers' flag: the untrained text encoder stays with the base model
+            weights = {k: v for k, v in weights.items() if not k.startswith("cond_stage_model.")}
+        if args.save_format == "mindspore":
+            path = os.path.join(folder.ckpt, f"sd-{step}.ckpt")
+            checkpoint_io.save_mindspore_ckpt(path, ldm_to_mindspore(weights, arch), overwrite=True)
+        else:
+            path = os.path.join(folder.ckpt, f"sd-{step}.{args.save_format}")
+            checkpoint_io.save_state_dict(path, weights, overwrite=True)
     # weights, then this step's training state, then the commit record: killed at any instant,
     # the last commit still names a complete checkpoint + state pair
     state = f"{STATE_NAME}-{step}.pt"
@@ -405,14 +513,18 @@ def save_checkpoint(folder: RunFolder, trainer, arch: ModelArch, args, step: int
     log.info("saved %s", path)
 
 
-def resume_state(folder: RunFolder, trainer, resume: str):
+def resume_state(folder: RunFolder, trainer, resume: str, start_if_none: bool = False):
     """Restore weights, optimizer and counters from the run's last saved state (or from the
-    train_state.json given)."""
+    train_state.json given). `start_if_none`: diffusers' --resume_from_checkpoint latest, which
+    starts a new run when there is nothing to resume."""
     if resume != "latest":
         if not (os.path.isfile(resume) and resume.endswith(".json")):
             raise UserError(f"--resume takes 'latest' or a train_state.json file, got {resume}")
         folder.state_meta = resume
     meta = folder.committed()
+    if meta is None and resume == "latest" and start_if_none:
+        log.info("%s holds no saved training state: starting a new run", folder.root)
+        return 0, 0
     if meta is None:
         if resume == "latest" and os.path.exists(folder.loss_log):
             log.warning("%s: the run was interrupted before its first complete save; starting from step 0",
@@ -428,14 +540,30 @@ def resume_state(folder: RunFolder, trainer, resume: str):
     return int(meta["step"]), int(meta["micro_step"])
 
 
-def validate(trainer, arch: ModelArch, tokenizer, args, folder: RunFolder, step: int) -> Optional[str]:
-    """One image per validation prompt, fixed seed, saved as validation/step-N.png (a grid)."""
-    settings = SampleSettings(sampler=args.sampler, steps=args.sampling_steps, scale=args.scale,
+def validation_due(args, step: int, total: int, epoch: int, end_of_epoch: bool) -> bool:
+    """Every --validation_steps steps, or every --validation_epochs epochs; and at the last step."""
+    if step == total:
+        return True
+    if args.validation_epochs:
+        return end_of_epoch and (epoch + 1) % args.validation_epochs == 0
+    return step % args.validation_steps == 0
+
+
+def validate(trainer, arch: ModelArch, tokenizer, args, folder: RunFolder, step: int, board=None) -> Optional[str]:
+    """--num_validation_images images per validation prompt, fixed seeds, saved as
+    validation/step-N.png (a grid: a row per prompt) and, with --report_to tensorboard, logged."""
+    sampler, eta = args.validation_scheduler or (args.sampler, 0.0)
+    settings = SampleSettings(sampler=sampler, eta=eta, steps=args.sampling_steps, scale=args.scale,
                               height=args.image_size, width=args.image_size, seed=args.seed, progress=False)
     prompts = list(args.validation_prompts)
     with trainer.pipeline() as pipe:
-        images = [b[0] for b in text_to_image(pipe, arch, tokenizer, prompts, [""] * len(prompts), settings)]
+        batches = text_to_image(pipe, arch, tokenizer, prompts, [""] * len(prompts), settings,
+                                n_samples=args.num_validation_images)
+        images = [image for batch in batches for image in batch]
     os.makedirs(folder.validation, exist_ok=True)
     path = os.path.join(folder.validation, f"step-{step}.png")
-    save_png(np.asarray(make_grid(images, rows=1)), path)
+    grid = np.asarray(make_grid(images, rows=len(prompts)))
+    save_png(grid, path)
+    if board is not None:
+        board.image(step, "validation", grid)
     return path
