@@ -20,6 +20,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def write_results(stem: str, report: dict, markdown: str) -> None:
+    """<stem>.json (the numbers) and <stem>.md (the table), printed too; what gets committed."""
+    import json
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown if markdown.endswith("\n") else markdown + "\n")
+    print(markdown)
+
+
 def slug(name: str) -> str:
     """A device name as a file-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "device"

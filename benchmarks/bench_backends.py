@@ -34,6 +34,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from _common import write_results  # noqa: E402  (benchmarks/ is the script's folder)
 SUBJECT = os.path.join(ROOT, "assets", "sample_subject")
 CONFIGS = ["configs/tiny-v1-inference.yaml", "configs/mid-v1-inference.yaml"]
 CASES = ("train", "sample", "unet", "vae", "conv")
@@ -257,14 +258,7 @@ def main() -> int:
             if rows:
                 results[section] = {"backends": backends, "results": rows, "ratios": _ratios(rows, backends)}
     report = {**_machine(), "omp_wait_policy": args.omp_wait_policy, "sections": results}
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, f"backends_{report['device']}")
-    with open(stem + ".json", "w") as fh:
-        json.dump(report, fh, indent=2)
-    text = _markdown(report)
-    with open(stem + ".md", "w") as fh:
-        fh.write(text)
-    print(text)
+    write_results(os.path.join(args.output, f"backends_{report['device']}"), report, _markdown(report))
     return 0
 
 

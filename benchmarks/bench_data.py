@@ -19,6 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from _common import write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 CASES = {"decode_every_item": dict(cache_bytes=0, workers=0),
          "cache": dict(workers=0),
@@ -85,9 +86,6 @@ def main() -> int:
     result = {"megapixels": args.megapixels, "size": args.size, "batches": args.batches, "cpu_cores": cores,
               "rows": rows, "ratios_vs_decode_every_item": {r["case"]: round(r["ms_per_micro_batch"] / base, 3)
                                                             for r in rows}}
-    stem = os.path.join(ROOT, "benchmarks", "results", f"data_{cores}cores")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
     lines = [f"# Data pipeline, host side ({args.megapixels:g} MP JPEGs -> {args.size}px, batch 2+2 with prior "
              f"preservation, {cores} cores)", "", "| case | ms per micro-batch | peak RSS MB | ratio |",
              "| --- | --- | --- | --- |"]
@@ -96,9 +94,7 @@ def main() -> int:
     lines += ["", "Each case times the first batches of a run, decoding included: the cache pays each file "
               "once, then only crops and flips. Workers overlap that with the device step (here, with no "
               "device step, they only add parallel decoding)."]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(os.path.join(ROOT, "benchmarks", "results", f"data_{cores}cores"), result, "\n".join(lines))
     return 0
 
 

@@ -56,7 +56,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from _common import CLASS_PROMPT, PROMPT, ROOT, peak_rss_mb, sampling_run, slug  # noqa: E402
+from _common import CLASS_PROMPT, PROMPT, ROOT, peak_rss_mb, sampling_run, slug, write_results  # noqa: E402
 
 FULL_CONFIG = "configs/v1-inference.yaml"
 TINY_CONFIG = "configs/tiny-v1-inference.yaml"
@@ -609,13 +609,7 @@ def main(argv=None) -> int:
               "cases": results, "ratios": ratios(results)}
     stem = opts.out or os.path.join(ROOT, "benchmarks", "results",
                                     f"gpu_{slug(env.get('device', 'cpu'))}{'_tiny' if opts.tiny else ''}")
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    text = markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(text)
-    print(text)
+    write_results(stem, report, markdown(report))
     print(f"wrote {stem}.json and {stem}.md")
     return 1 if any(r["status"] == "failed" for r in results) else 0
 

@@ -214,7 +214,7 @@ class Trainer:
         group = process_group(args)
         self.rank, self.world_size = group.rank, group.world_size
         self.dtype = compute_dtype(args.mixed_precision, self.device)
-        self.base_weights = weights           # untouched tensors (VAE, extras) for export_weights
+        self.base_weights = _without_unet(weights)    # untouched tensors (VAE, text, extras) for export_weights
         self.train_text = bool(args.train_text_encoder) and not args.use_lora
         self.compiled_for = setup_key(args, lora_init)
 
@@ -272,7 +272,7 @@ class Trainer:
             raise ValueError("Trainer.restart needs the trainable parts, LoRA layout, precision and mode "
                              "the Trainer was built with; build a new Trainer instead")
         rebuild = (bool(args.clip_grad), bool(args.use_ema)) != (bool(self.args.clip_grad), bool(self.args.use_ema))
-        self.args, self.base_weights = args, weights
+        self.args, self.base_weights = args, _without_unet(weights)
         _load_weights(self.net, ldm_to_mindspore(weights, self.arch))
         if lora_init:
             reset_lora(lora_init, self.net.unet, self.net.text_encoder)
@@ -464,6 +464,12 @@ class Trainer:
             yield pipe
         finally:
             self.net.set_train(True)
+
+
+def _without_unet(weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The loaded weights export_weights takes as they are: the UNet is always saved from the live
+    network, so keeping its loaded copy would only cost a second UNet of host memory."""
+    return {k: v for k, v in weights.items() if not k.startswith("model.diffusion_model.")}
 
 
 def _overflow_clearer():

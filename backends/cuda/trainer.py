@@ -46,7 +46,9 @@ class Trainer:
         self.dtype = compute_dtype(args.mixed_precision, self.device)
         use_tf32(args.allow_tf32, self.device)
         self.unet, self.vae, self.text_encoder, parts = load_models(arch, weights)
-        self.base_parts = parts           # untouched components and extras, for saving
+        # the other components and extras as loaded, for saving (the UNet is always saved from the
+        # live module: holding its loaded copy too would cost a second UNet of host memory)
+        self.base_parts = {k: v for k, v in parts.items() if k != "unet"}
         self.lora_targets = sorted(lora_init) if lora_init else []
         self.lora_alpha = float(args.lora_alpha or args.lora_rank)
         self.train_text = bool(args.train_text_encoder) and not args.use_lora
