@@ -172,7 +172,10 @@ def test_ctrl_c_is_exit_130_with_one_message_on_both_backends(tmp_path, tiny_mod
     proc = subprocess.Popen([sys.executable, "text_to_image.py", "--backend", backend, "--config", TINY["v1"],
                              "--ckpt_path", tiny_models["v1"], "--n_samples", "1", "--n_iter", "40",
                              "--sampling_steps", "500", "--H", "32", "--W", "32", "--ms_mode", "1",
-                             "--output_path", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=ENV)
+                             "--output_path", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=ENV,
+                            # as from a terminal: a parallel test worker may run with SIGINT ignored, which a
+                            # child inherits (and then, rightly, keeps: nohup and `&` rely on that)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""     # 40 x 500 steps: far from done when the signal comes, however loaded the machine
     while "1/500" not in seen and "2/500" not in seen:       # sampling has started
         char = proc.stderr.read(1)

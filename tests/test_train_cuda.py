@@ -227,6 +227,9 @@ def test_learning_rate_schedule(tmp_path):
                                      "--lr_num_cycles", "2", "--lr_warmup_steps", "0",
                                      "--with_prior_preservation", "False"), 20)
     assert restarts(0) == restarts(10) == pytest.approx(1e-4) and restarts(5) == pytest.approx(0.5e-4)
+    piecewise = lr_schedule(make_args(tmp_path, "--learning_rate", "1e-4", "--lr_scheduler", "piecewise_constant",
+                                      "--lr_step_rules", "1:3,0.1:5,0.01", "--with_prior_preservation", "False"), 9)
+    assert [piecewise(s) for s in (2, 3, 4, 5)] == pytest.approx([1e-4, 1e-5, 1e-5, 1e-6])
 
 
 def test_network_weights_start_the_adapters_and_base_weights_merge(tmp_path, tiny_models):

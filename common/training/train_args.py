@@ -160,6 +160,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_num_cycles", type=ranged(int, low=1), default=1,
                    help="cosine_with_restarts: number of hard restarts (diffusers' flag)")
     g.add_argument("--lr_power", type=positive, default=1.0, help="polynomial: power of the decay (diffusers' flag)")
+    g.add_argument("--lr_step_rules", default=None,
+                   help="piecewise_constant: diffusers' step_rules, factors of the learning rate up to absolute "
+                        "steps, then the last factor, e.g. '1:100,0.1:200,0.01'")
     g.add_argument("--optim", default="adamw", choices=("adamw", "adam"), help="optimizer (torch.optim.AdamW arithmetic on both backends)")
     g.add_argument("--betas", type=ranged(float, low=0, high=1, high_open=True), nargs=2, default=[0.9, 0.999], help="Adam betas")
     g.add_argument("--adam_beta1", type=ranged(float, low=0, high=1, high_open=True), default=None,

@@ -54,7 +54,8 @@ def lr_schedule(args, total_steps: int) -> LRSchedule:
     # diffusers' get_scheduler passes --lr_num_cycles to cosine_with_restarts only (cosine keeps 0.5)
     return LRSchedule(name, args.start_learning_rate, warmup_steps=args.warmup_steps, total_steps=total_steps,
                       num_cycles=args.lr_num_cycles if name == "cosine_with_restarts" else None,
-                      power=args.lr_power, decay_steps=args.decay_steps, end_lr=args.end_learning_rate)
+                      power=args.lr_power, decay_steps=args.decay_steps, end_lr=args.end_learning_rate,
+                      step_rules=args.lr_step_rules)
 
 
 def step_inputs(schedule: NoiseSchedule, args, micro: int, rank: int, world: int, batch_size: int,
