@@ -326,8 +326,7 @@ class EvalPipeline(Pipeline):
             self.text_encoder.train()
 
     def _autocast(self):
-        dtype = self.trainer.dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        return self.trainer._autocast()
 
     def encode_text(self, ids):
         with self._autocast():

@@ -142,8 +142,6 @@ def crop_flip(resized: np.ndarray, size: int, crop: str, flip: bool, rng: np.ran
 def load_image(path: str, size: int, crop: str, flip: bool, rng: np.random.Generator | None) -> np.ndarray:
     """Decode one image into a float32 [3, size, size] array in [-1, 1]: `load_resized`, then
     `crop_flip`. `rng` is only needed for crop="random"."""
-    if crop not in _CROPS:
-        raise ValueError(f"crop must be one of {_CROPS}, got {crop!r}")
     return crop_flip(load_resized(path, size), size, crop, flip, rng)
 
 

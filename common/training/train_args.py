@@ -14,6 +14,7 @@ from common.config import (UserArgumentParser, add_bool, backend_name, count, no
                            ranged, parse_with_config)
 from common.errors import UserError
 from common.formats.lora import LAYER_SETS, is_layer_set
+from common.training.data import INTERPOLATIONS
 from common.training.lr_schedules import SCHEDULERS
 from common.diffusion.samplers import SAMPLERS
 
@@ -244,8 +245,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                         "default: the context length (77)")
     add_bool(g, "--text_encoder_use_attention_mask", default=False,
              help="mask the padding tokens in the text encoder's attention (diffusers' flag)")
-    g.add_argument("--image_interpolation_mode", default="bicubic",
-                   choices=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"),
+    g.add_argument("--image_interpolation_mode", default="bicubic", choices=tuple(INTERPOLATIONS),
                    help="resampling filter when resizing training images (diffusers' LoRA script uses lanczos)")
     add_bool(g, "--skip_save_text_encoder", default=False,
              help="full checkpoints leave out the (untrained) text encoder: smaller files that need the base "
