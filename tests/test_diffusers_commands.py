@@ -119,7 +119,7 @@ def test_savers_and_the_text_mask_give_the_same_loss_on_both_backends(tmp_path, 
             "--train_batch_size", "2", "--train_text_encoder", "False", "--output_path", str(tmp_path), "--seed", "7"]
     mask, latents, texts = "--text_encoder_use_attention_mask", "--cache_latents", "--pre_compute_text_embeddings"
     runs = {"cuda": (cuda, ()), "cuda+mask": (cuda, (mask,)), "cuda+mask+savers": (cuda, (mask, latents, texts)),
-            "ascend+mask+latents": (ascend, (mask, latents)), "ascend+mask+texts": (ascend, (mask, texts))}
+            "ascend+mask+savers": (ascend, (mask, latents, texts))}
     data, randoms = fixed_data(parse_train_args(argv), "v1")
     losses = {}
     for name, (backend, flags) in runs.items():
@@ -136,5 +136,4 @@ def test_savers_and_the_text_mask_give_the_same_loss_on_both_backends(tmp_path, 
     assert np.isfinite(losses["cuda"]).all()
     assert abs(losses["cuda+mask"][0] - losses["cuda"][0]) > 1e-5 * losses["cuda"][0]
     assert losses["cuda+mask+savers"] == pytest.approx(losses["cuda+mask"], rel=1e-6)
-    for name in ("ascend+mask+latents", "ascend+mask+texts"):
-        assert losses[name] == pytest.approx(losses["cuda+mask"], rel=1e-4), name
+    assert losses["ascend+mask+savers"] == pytest.approx(losses["cuda+mask"], rel=1e-4)
