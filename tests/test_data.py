@@ -383,6 +383,16 @@ def test_make_sample_subject_is_deterministic_and_refuses_overwrite(tmp_path, ca
     assert all(not np.array_equal(arrays[0], a) for a in arrays[1:])
 
 
+def test_the_committed_sample_subject_is_what_the_tool_draws(tmp_path, monkeypatch):
+    """make_sample_subject.draw_robot also draws the synthetic world's robots (other styles); the
+    sample subject it draws by default stays byte-identical to the committed images."""
+    tool = _load_tool(monkeypatch)
+    assert tool.main(["--output", str(tmp_path)]) == 0
+    folder = os.path.join(REPO, "assets", "sample_subject")
+    for name in tool.output_names():
+        assert open(tmp_path / name, "rb").read() == open(os.path.join(folder, name), "rb").read(), name
+
+
 def test_worker_threads_and_the_image_cache_change_no_batch(tmp_path, monkeypatch):
     """Decoded, resized images are cached (each file is decoded once however many epochs and
     repeats read it), and worker threads building batches ahead give the very same batches in

@@ -29,6 +29,28 @@ YELLOW, GREY, DARK = (255, 210, 63), (150, 156, 168), (70, 74, 86)
 
 
 @dataclass(frozen=True)
+class RobotStyle:
+    """Colours and parts of a cartoon robot; the defaults are the sample subject. The synthetic
+    world (tools/synthetic_world.py) draws other robots with the same code and other styles."""
+    body: tuple = TEAL
+    body_side: tuple = TEAL_SIDE
+    visor: tuple = NAVY
+    eyes: tuple = ORANGE
+    ears_feet: tuple = ORANGE
+    feet_side: tuple = (200, 100, 10)
+    antenna: tuple | None = MAGENTA     # the ball on top; None: no antenna
+    chest: tuple | None = YELLOW        # chest panel; None: none
+    heart: tuple | None = MAGENTA       # heart on the chest panel; None: none
+    limbs: tuple = GREY
+    neck_side: tuple = (120, 126, 138)
+    legs: tuple = DARK
+    round_head: bool = False
+
+
+SUBJECT = RobotStyle()
+
+
+@dataclass(frozen=True)
 class View:
     name: str
     background: str
@@ -83,7 +105,7 @@ class _Pen:
         self.disc(ex, ey, z, end_r, end_fill)
 
 
-def draw_robot(layer: Image.Image, view: View) -> None:
+def draw_robot(layer: Image.Image, view: View, style: RobotStyle = SUBJECT) -> None:
     """Draw the robot for `view` onto a transparent RGBA layer."""
     w, h = layer.size
     unit = view.scale * w / 256.0
@@ -97,38 +119,41 @@ def draw_robot(layer: Image.Image, view: View) -> None:
 
     # far arm behind the body, legs and feet
     far_arm = (-near, view.arms[0] if -near < 0 else view.arms[1])
-    pen.limb(far_arm[0] * 40, 100, 0, far_arm[1], 52, 12, GREY, ORANGE, 10)
+    pen.limb(far_arm[0] * 40, 100, 0, far_arm[1], 52, 12, style.limbs, style.ears_feet, 10)
     for side in (-1, 1):
-        pen.box(side * 26 - 7, side * 26 + 7, 12, 42, 8, DARK, DARK, 3)
-        pen.box(side * 26 - 13, side * 26 + 13, 0, 14, 14, ORANGE, (200, 100, 10), 5)
+        pen.box(side * 26 - 7, side * 26 + 7, 12, 42, 8, style.legs, style.legs, 3)
+        pen.box(side * 26 - 13, side * 26 + 13, 0, 14, 14, style.ears_feet, style.feet_side, 5)
 
     # body with chest panel and heart
-    pen.box(-40, 40, 38, 112, 26, TEAL, TEAL_SIDE, 10)
-    pen.box(-24, 24, 56, 96, 26.5, YELLOW, radius=5)
-    for hx in (-6, 6):
-        pen.disc(hx, 80, 27, 7, MAGENTA, squash)
-    hx0, hy0 = pen.pt(-12.5, 78, 27)
-    hx1, _ = pen.pt(12.5, 78, 27)
-    _, hy1 = pen.pt(0, 63, 27)
-    pen.d.polygon([(hx0, hy0), (hx1, hy0), ((hx0 + hx1) / 2, hy1)], fill=MAGENTA)
+    pen.box(-40, 40, 38, 112, 26, style.body, style.body_side, 10)
+    if style.chest is not None:
+        pen.box(-24, 24, 56, 96, 26.5, style.chest, radius=5)
+    if style.heart is not None:
+        for hx in (-6, 6):
+            pen.disc(hx, 80, 27, 7, style.heart, squash)
+        hx0, hy0 = pen.pt(-12.5, 78, 27)
+        hx1, _ = pen.pt(12.5, 78, 27)
+        _, hy1 = pen.pt(0, 63, 27)
+        pen.d.polygon([(hx0, hy0), (hx1, hy0), ((hx0 + hx1) / 2, hy1)], fill=style.heart)
 
     # neck, far ear, head, visor, eyes, smile, near ear, antenna
-    pen.box(-10, 10, 110, 122, 10, GREY, (120, 126, 138), 2)
-    pen.disc(-near * 47, 150, 0, 11, ORANGE, 0.6)
-    pen.box(-46, 46, 118, 184, 30, TEAL, TEAL_SIDE, 14)
-    pen.box(-36, 36, 130, 172, 30.5, NAVY, radius=10)
+    pen.box(-10, 10, 110, 122, 10, style.limbs, style.neck_side, 2)
+    pen.disc(-near * 47, 150, 0, 11, style.ears_feet, 0.6)
+    pen.box(-46, 46, 118, 184, 30, style.body, style.body_side, 33 if style.round_head else 14)
+    pen.box(-36, 36, 130, 172, 30.5, style.visor, radius=21 if style.round_head else 10)
     for ex in (-16, 16):
-        pen.disc(ex, 154, 31, 9, ORANGE, squash)
+        pen.disc(ex, 154, 31, 9, style.eyes, squash)
         pen.disc(ex + 3, 157, 31, 3, (255, 240, 210), squash)
     (mx0, my0), (mx1, _) = pen.pt(-10, 143, 31), pen.pt(10, 143, 31)
     pen.d.arc([mx0, my0 - 6 * unit, mx1, my0 + 4 * unit], 20, 160, fill=(90, 220, 230), width=max(1, int(3 * unit)))
-    pen.disc(near * 47, 150, 0, 11, ORANGE, 0.6)
-    pen.d.line([pen.pt(0, 184), pen.pt(0, 206)], fill=DARK, width=max(1, int(4 * unit)))
-    pen.disc(0, 210, 0, 9, MAGENTA)
+    pen.disc(near * 47, 150, 0, 11, style.ears_feet, 0.6)
+    if style.antenna is not None:
+        pen.d.line([pen.pt(0, 184), pen.pt(0, 206)], fill=DARK, width=max(1, int(4 * unit)))
+        pen.disc(0, 210, 0, 9, style.antenna)
 
     # near arm in front of the body
     near_angle = view.arms[0] if near < 0 else view.arms[1]
-    pen.limb(near * 40, 100, 0, near_angle, 52, 12, GREY, ORANGE, 10)
+    pen.limb(near * 40, 100, 0, near_angle, 52, 12, style.limbs, style.ears_feet, 10)
 
 
 def _gradient(size: tuple[int, int], top, bottom) -> Image.Image:
@@ -138,7 +163,8 @@ def _gradient(size: tuple[int, int], top, bottom) -> Image.Image:
 
 
 def draw_background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """One of five simple scenes, with seeded details."""
+    """One of seven simple scenes, with seeded details (the sample subject uses five; the synthetic
+    world adds the beach and the snow)."""
     w, h = size
     if kind == "studio":
         img = _gradient(size, (170, 205, 235), (235, 242, 250))
@@ -177,6 +203,24 @@ def draw_background(kind: str, size: tuple[int, int], rng: np.random.Generator) 
             d.ellipse([x - r, y - r, x + r, y + r], fill=(255, 250, 220))
         d.ellipse([w * 0.12, h * 0.1, w * 0.26, h * 0.24], fill=(250, 240, 200))  # moon
         d.rectangle([0, int(h * 0.74), w, h], fill=(46, 40, 70))
+    elif kind == "beach":
+        img = _gradient(size, (90, 170, 245), (190, 225, 250))
+        d = ImageDraw.Draw(img)
+        d.rectangle([0, int(h * 0.55), w, int(h * 0.7)], fill=(30, 110, 190))       # sea
+        for _ in range(6):  # wave crests
+            x, y = rng.uniform(0, w), rng.uniform(0.57, 0.68) * h
+            d.line([(x, y), (x + 0.08 * w, y)], fill=(220, 240, 255), width=max(1, w // 128))
+        d.rectangle([0, int(h * 0.7), w, h], fill=(238, 214, 150))                  # sand
+        d.ellipse([w * 0.78, h * 0.06, w * 0.92, h * 0.2], fill=(255, 236, 120))     # sun
+    elif kind == "snow":
+        img = _gradient(size, (190, 205, 225), (235, 240, 248))
+        d = ImageDraw.Draw(img)
+        for x0 in (-0.2, 0.35):  # distant snowy hills
+            d.ellipse([x0 * w, h * 0.55, (x0 + 0.9) * w, h * 1.0], fill=(246, 248, 252))
+        d.rectangle([0, int(h * 0.74), w, h], fill=(250, 251, 255))
+        for _ in range(50):  # falling flakes
+            x, y, r = rng.uniform(0, w), rng.uniform(0, 0.74) * h, rng.uniform(0.006, 0.012) * w
+            d.ellipse([x - r, y - r, x + r, y + r], fill=(255, 255, 255))
     else:
         raise ValueError(f"unknown background {kind!r}")
     return img

@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Pretrain a tiny Stable Diffusion from scratch on the synthetic world (tools/synthetic_world.py),
+on the CPU, with PyTorch, in two stages:
+
+1. the VAE (reconstruction + a small KL term), then rescaled exactly (its quant convolutions) so
+   that its latents times the config's scale_factor have unit variance, as SD's do;
+2. the UNet and the text encoder together, with the diffusion loss on the frozen VAE's latents,
+   10% empty captions (classifier-free guidance needs them) and an EMA of the weights.
+
+    python tools/pretrain_tiny.py --config configs/tiny-v1-inference.yaml \\
+        --output assets/tiny_world/tiny-v1-world.safetensors [--unet_steps 6000] [--threads 2]
+
+The result is an original-layout single file (fp16), which both backends load like any SD
+checkpoint. Everything is seeded; the same command on the same machine gives the same file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+import _path  # noqa: F401  (repository root on sys.path)
+from common.cli import run_cli
+from common.config import UserArgumentParser, add_bool
+from common.errors import UserError
+
+logger = logging.getLogger("pretrain_tiny")
+
+
+def world_images(count: int, size: int, seed: int):
+    """(uint8 N x size x size x 3 images, captions) of the first `count` scenes of the world."""
+    import synthetic_world as world
+    from tqdm.auto import tqdm
+
+    items = world.scenes(count, seed)
+    images = np.stack([np.asarray(world.render(scene, size)) for scene, _ in tqdm(items, desc="world", mininterval=5)])
+    return images, [caption for _, caption in items]
+
+
+def to_model(images_u8, torch):
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(vae, images, args, torch):
+    """Stage 1: reconstruction (MSE) + KL, Adam, cosine schedule."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    gen = np.random.default_rng([args.seed, 10])
+    bar = tqdm(range(args.vae_steps), desc="vae", mininterval=5)
+    for step in bar:
+        x = to_model(images[gen.integers(0, len(images), args.batch_size)], torch)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(generator=None)).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = mse + args.vae_kl * kl
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(mse=f"{mse.item():.4f}", kl=f"{kl.item():.3f}")
+    return float(mse.item())
+
+
+def rescale_vae(vae, images, scale_factor: float, torch) -> float:
+    """Scale the VAE's latent space by k so that std(scale_factor * mean) == 1: the mean rows of
+    quant_conv times k, the log-variance biases + 2 ln k, post_quant_conv's inputs divided by k.
+    The decoder's output for a scaled latent is unchanged. Returns k."""
+    with torch.no_grad():
+        means = torch.cat([vae.encode(to_model(images[i:i + 256], torch)).latent_dist.mean
+                           for i in range(0, min(len(images), 2048), 256)])
+        k = 1.0 / (scale_factor * float(means.std()))
+        c = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[:c] *= k
+        vae.quant_conv.bias[:c] *= k
+        vae.quant_conv.bias[c:] += 2 * math.log(k)
+        vae.post_quant_conv.weight /= k
+    return k
+
+
+def encode_world(vae, images, torch):
+    """The frozen VAE's posterior (mean, std) of every image, float16 to save memory."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            post = vae.encode(to_model(images[i:i + 256], torch)).latent_dist
+            means.append(post.mean.half())
+            stds.append(post.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(unet, text, arch, latents, captions, args, torch):
+    """Stage 2: UNet and text encoder on the diffusion loss, EMA of both."""
+    from tqdm.auto import tqdm
+
+    from common.diffusion.schedule import NoiseSchedule
+    from common.tokenizer import tokenizer_for
+
+    sched = NoiseSchedule(arch.schedule)
+    a_t = torch.from_numpy(sched.sqrt_alphas_cumprod)
+    b_t = torch.from_numpy(sched.sqrt_one_minus_alphas_cumprod)
+    tokenizer = tokenizer_for(arch.text)
+    ids = torch.from_numpy(tokenizer(list(captions)).astype(np.int64))
+    empty = torch.from_numpy(tokenizer([""]).astype(np.int64))[0]
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    ema = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)]
+    gen = np.random.default_rng([args.seed, 20])
+    torch.manual_seed(args.seed + 20)
+    mean, std = latents
+    bar = tqdm(range(args.unet_steps), desc="unet+text", mininterval=5)
+    avg = None
+    for step in bar:
+        idx = torch.from_numpy(gen.integers(0, len(mean), args.batch_size))
+        z = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape)) * arch.scale_factor
+        t = torch.from_numpy(gen.integers(0, sched.num_train_timesteps, args.batch_size))
+        noise = torch.randn_like(z)
+        a, b = a_t[t].view(-1, 1, 1, 1), b_t[t].view(-1, 1, 1, 1)
+        noisy = a * z + b * noise
+        target = noise if arch.schedule.parameterization == "eps" else a * noise - b * z
+        batch_ids = ids[idx].clone()
+        batch_ids[torch.from_numpy(gen.random(args.batch_size) < args.caption_dropout)] = empty
+        context = text(batch_ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = torch.nn.functional.mse_loss(pred, target)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.unet_steps, args.unet_lr, 200)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for live, slow in ((unet, ema[0]), (text, ema[1])):
+                for p, q in zip(live.parameters(), slow.parameters()):
+                    q.lerp_(p, 1 - decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{avg:.4f}")
+    return ema[0], ema[1], avg
+
+
+def main() -> int:
+    p = UserArgumentParser(prog="pretrain_tiny.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tiny-v1-inference.yaml", help="architecture yaml")
+    p.add_argument("--output", required=True, help="the pretrained model, an original-layout .safetensors")
+    p.add_argument("--scenes", type=int, default=20000, help="number of world scenes to train on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, the initial weights and the draws")
+    p.add_argument("--batch_size", type=int, default=32, help="images per step, both stages")
+    p.add_argument("--vae_steps", type=int, default=2000, help="VAE training steps")
+    p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate")
+    p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the KL term (per latent element)")
+    p.add_argument("--unet_steps", type=int, default=6000, help="UNet + text encoder training steps")
+    p.add_argument("--unet_lr", type=float, default=5e-4, help="UNet + text encoder peak learning rate")
+    p.add_argument("--caption_dropout", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_bool(p, "--overwrite", default=False, help="replace an existing output file")
+    args = p.parse_args()
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UserError(f"{args.output} already exists (pass --overwrite True to replace it)")
+
+    import torch
+
+    from backends.cuda.models import build_models, module_weights
+    from common.arch import load_arch
+    from common.formats import keymap
+    from common.formats.checkpoint_io import save_state_dict
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    arch = load_arch(args.config)
+    started = time.time()
+    images, captions = world_images(args.scenes, arch.image_size, args.seed)
+    unet, vae, text = build_models(arch)
+    mse = train_vae(vae, images, args, torch)
+    vae.requires_grad_(False).eval()
+    k = rescale_vae(vae, images, arch.scale_factor, torch)
+    logger.info("VAE: reconstruction MSE %.4f, latents rescaled by %.3f", mse, k)
+    latents = encode_world(vae, images, torch)
+    del images
+    unet_ema, text_ema, loss = train_unet(unet, text, arch, latents, captions, args, torch)
+    logger.info("UNet + text encoder: loss %.4f (running mean at the end)", loss)
+    parts = {"unet": module_weights(unet_ema), "vae": module_weights(vae), "text_encoder": module_weights(text_ema)}
+    weights = {k: v.astype(np.float16) for k, v in keymap.diffusers_to_ldm(parts, arch).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    minutes = (time.time() - started) / 60
+    save_state_dict(args.output, weights, overwrite=True, metadata={
+        "description": f"tiny SD ({arch.version}) pretrained on the synthetic world by tools/pretrain_tiny.py",
+        "command": " ".join(sys.argv[1:]), "minutes": f"{minutes:.1f}"})
+    n = sum(int(v.size) for v in weights.values())
+    print(f"wrote {args.output}: {n / 1e6:.2f}M parameters, fp16, {os.path.getsize(args.output) / 1e6:.1f} MB, "
+          f"{minutes:.0f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
