@@ -165,10 +165,12 @@ def main() -> int:
     p.add_argument("--scenes", type=int, default=20000, help="number of world scenes to train on")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the initial weights and the draws")
     p.add_argument("--batch_size", type=int, default=32, help="images per step, both stages")
-    p.add_argument("--vae_steps", type=int, default=2000, help="VAE training steps")
+    p.add_argument("--vae_steps", type=int, default=800, help="VAE training steps")
+    p.add_argument("--vae_from", default=None,
+                   help="take the (already rescaled) VAE of an earlier output of this script and skip stage 1")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate")
     p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the KL term (per latent element)")
-    p.add_argument("--unet_steps", type=int, default=6000, help="UNet + text encoder training steps")
+    p.add_argument("--unet_steps", type=int, default=4000, help="UNet + text encoder training steps")
     p.add_argument("--unet_lr", type=float, default=5e-4, help="UNet + text encoder peak learning rate")
     p.add_argument("--caption_dropout", type=float, default=0.1, help="fraction of empty captions")
     p.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the saved weights")
@@ -180,10 +182,10 @@ def main() -> int:
 
     import torch
 
-    from backends.cuda.models import build_models, module_weights
+    from backends.cuda.models import build_models, load_weights, module_weights
     from common.arch import load_arch
     from common.formats import keymap
-    from common.formats.checkpoint_io import save_state_dict
+    from common.formats.checkpoint_io import load_state_dict, save_state_dict
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,10 +194,14 @@ def main() -> int:
     started = time.time()
     images, captions = world_images(args.scenes, arch.image_size, args.seed)
     unet, vae, text = build_models(arch)
-    mse = train_vae(vae, images, args, torch)
-    vae.requires_grad_(False).eval()
-    k = rescale_vae(vae, images, arch.scale_factor, torch)
-    logger.info("VAE: reconstruction MSE %.4f, latents rescaled by %.3f", mse, k)
+    if args.vae_from:
+        load_weights(vae, keymap.ldm_to_diffusers(load_state_dict(args.vae_from), arch)["vae"], "vae")
+        vae.requires_grad_(False).eval()
+    else:
+        mse = train_vae(vae, images, args, torch)
+        vae.requires_grad_(False).eval()
+        k = rescale_vae(vae, images, arch.scale_factor, torch)
+        logger.info("VAE: reconstruction MSE %.4f, latents rescaled by %.3f", mse, k)
     latents = encode_world(vae, images, torch)
     del images
     unet_ema, text_ema, loss = train_unet(unet, text, arch, latents, captions, args, torch)
