@@ -164,7 +164,7 @@ def main() -> int:
     p.add_argument("--output", required=True, help="the pretrained model, an original-layout .safetensors")
     p.add_argument("--scenes", type=int, default=20000, help="number of world scenes to train on")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the initial weights and the draws")
-    p.add_argument("--batch_size", type=int, default=32, help="images per step, both stages")
+    p.add_argument("--batch_size", type=int, default=16, help="images per step, both stages")
     p.add_argument("--vae_steps", type=int, default=800, help="VAE training steps")
     p.add_argument("--vae_from", default=None,
                    help="take the (already rescaled) VAE of an earlier output of this script and skip stage 1")
