@@ -92,3 +92,21 @@ def test_missing_tensorboard_is_one_user_error(monkeypatch, tmp_path):
         module.TensorBoardLog(str(tmp_path / "tb"))
     assert str(e.value) == MISSING and "\n" not in MISSING
     assert not os.path.exists(tmp_path / "tb")
+
+
+def test_overwrite_drops_the_old_runs_curves_and_resume_keeps_them(tmp_path):
+    """--overwrite True starts the run over: its TensorBoard event files go with its checkpoints
+    and loss.csv (a resume keeps them: TensorBoard itself drops the steps logged again)."""
+    from common.training.train_loop import STATE_NAME, RunFolder
+
+    root = tmp_path / "run"
+    board = TensorBoardLog(str(root / "tb"))
+    board.scalars(1, {"train/loss": 1.0})
+    board.close()
+    (root / "ckpt").mkdir()
+    (root / "ckpt" / (STATE_NAME + ".json")).write_text('{"step": 1, "micro_step": 1, "checkpoint": "", "state": ""}')
+    (root / "notes.txt").write_text("the user's")
+    RunFolder(str(root), "tb").prepare(resume=True, overwrite=False)
+    assert len(os.listdir(root / "tb")) == 1
+    RunFolder(str(root), "tb").prepare(resume=False, overwrite=True)
+    assert os.listdir(root / "tb") == [] and (root / "notes.txt").exists()

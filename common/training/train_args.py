@@ -73,7 +73,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="continue the run in output_path from its last saved state ('latest' or True), "
                         "or from a given ckpt/train_state.json")
     add_bool(g, "--overwrite", default=False,
-             help="start over even though output_path already holds checkpoints (they are deleted)")
+             help="start over even though output_path already holds a run (its checkpoints, loss.csv and TensorBoard logs are deleted)")
     g.add_argument("--seed", type=int, default=3407, help="seed of every random stream (data, noise, timesteps)")
     g.add_argument("--mode", type=int, default=0, choices=(0, 1),
                    help="ascend backend: 0 = GRAPH_MODE, 1 = PYNATIVE_MODE")

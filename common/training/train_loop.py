@@ -140,10 +140,11 @@ class EncodedInputs:
 # --------------------------------------------------------------------------- run folder
 
 class RunFolder:
-    """output_path/{ckpt/, loss.csv, validation/, train_config.yaml}."""
+    """output_path/{ckpt/, loss.csv, validation/, train_config.yaml, <logging_dir>/}."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, logs: str = "logs"):
         self.root = root
+        self.logs = os.path.join(root, logs)
         self.ckpt = os.path.join(root, "ckpt")
         self.state_meta = os.path.join(self.ckpt, STATE_NAME + ".json")
         self.loss_log = os.path.join(root, "loss.csv")
@@ -166,6 +167,12 @@ class RunFolder:
         except (OSError, ValueError):
             raise UserError(f"{self.state_meta} is unreadable; pass --overwrite True to start over") from None
 
+    def event_files(self) -> List[str]:
+        """TensorBoard event files this trainer wrote (named as TensorBoardLog names them)."""
+        if not os.path.isdir(self.logs):
+            return []
+        return [os.path.join(self.logs, f) for f in os.listdir(self.logs) if f.startswith("events.out.tfevents.")]
+
     def state_files(self) -> List[str]:
         if not os.path.isdir(self.ckpt):
             return []
@@ -186,6 +193,8 @@ class RunFolder:
             for path in (self.state_meta, self.loss_log):
                 if os.path.exists(path):
                     os.remove(path)
+            for path in self.event_files():      # the old run's TensorBoard curves go with it
+                os.remove(path)
         os.makedirs(self.ckpt, exist_ok=True)
         self.clean_interrupted()
 
@@ -316,7 +325,7 @@ def run_training(args, backend) -> Dict[str, object]:
     # --overwrite, class images) is done by the main process between barriers; every process checks
     # first, so a refusal is the same one-line error everywhere rather than a hang at a barrier.
     group = backend.process_group(args)
-    folder = RunFolder(args.output_path)
+    folder = RunFolder(args.output_path, args.logging_dir)
     folder.check(resume=args.resume is not None, overwrite=args.overwrite)
     tokenizer = tokenizer_for(arch.text, args.tokenizer_path)
     list_images(args.instance_data_dir, "instance")  # a bad folder fails before any model is loaded
