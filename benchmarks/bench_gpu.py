@@ -15,9 +15,12 @@ Cases (each `<pair>_ours` against `<pair>_diffusers` on the same modules, weight
       gc               + gradient checkpointing (UNet and text encoder)
       8bit             + bitsandbytes' 8-bit AdamW
       xformers         + --enable_xformers_memory_efficient_attention (needs xformers and a GPU)
-      cache_latents    + --cache_latents (ours only: diffusers' train_dreambooth.py has no such flag)
+      cache_latents    + --cache_latents (ours only: diffusers' train_dreambooth.py has no such flag),
+                       against diffusers' base
       frozen_text      text encoder frozen (diffusers' default), the reference for the next one
       precompute_text  text encoder frozen, --pre_compute_text_embeddings (diffusers frees the encoder)
+      cache_all        text encoder frozen, --cache_latents and --pre_compute_text_embeddings (ours
+                       only), against diffusers' frozen_text: the same training without caching
   LoRA step        lora: rank 4 on to_q/to_k/to_v/to_out.0 of the UNet, base model in fp16, fp32
                    adapters; diffusers as train_dreambooth_lora.py (peft LoraConfig, add_adapter)
   Inference        sample: one image, --steps DPM-Solver++ steps, CFG 7.5, VAE decode included;
@@ -76,11 +79,16 @@ PAIRS = {
     "frozen_text": ("train", "text encoder frozen", {"train_text": False}, SIDES),
     "precompute_text": ("train", "text encoder frozen + --pre_compute_text_embeddings",
                         {"train_text": False, "precompute": True}, SIDES),
+    "cache_all": ("train", "text encoder frozen + --cache_latents + --pre_compute_text_embeddings",
+                  {"train_text": False, "cache_latents": True, "precompute": True}, ("ours",)),
     "lora": ("lora", f"LoRA rank {LORA_RANK}, attention layers, UNet only", {"lora": True, "train_text": False},
              SIDES),
     "sample": ("sample", "DPM-Solver++, CFG 7.5", {}, SIDES),
 }
 CASES = [f"{pair}_{side}" for pair, (_, _, _, sides) in PAIRS.items() for side in sides]
+# savers diffusers' scripts lack: ours with the saver against diffusers' loop doing the same
+# training without it (what a diffusers user runs for that training)
+REFERENCE = {"cache_latents": "base", "cache_all": "frozen_text"}
 KIND_TITLES = {"train": "DreamBooth training step", "lora": "LoRA training step", "sample": "Inference"}
 
 
@@ -472,10 +480,12 @@ def ratios(results: list) -> dict:
     by = {r["case"]: r for r in results}
     out = {}
     for pair in PAIRS:
-        ours, theirs = by.get(f"{pair}_ours"), by.get(f"{pair}_diffusers")
+        reference = REFERENCE.get(pair, pair)
+        ours, theirs = by.get(f"{pair}_ours"), by.get(f"{reference}_diffusers")
         if ours and theirs and ours["status"] == theirs["status"] == "measured":
             out[pair] = {"time_ours_over_diffusers": ours["seconds"] / theirs["seconds"],
-                         "memory_ours_over_diffusers": ours["peak_mb"] / theirs["peak_mb"]}
+                         "memory_ours_over_diffusers": ours["peak_mb"] / theirs["peak_mb"],
+                         "against": f"{reference}_diffusers"}
     return out
 
 
@@ -516,6 +526,8 @@ def markdown(report: dict) -> str:
                 base = (f"{r['time_vs_base']:.2f} / {r['memory_vs_base']:.2f}" if "time_vs_base" in r else "")
                 ratio = (f"**{pair_ratio['time_ours_over_diffusers']:.3f} / "
                          f"{pair_ratio['memory_ours_over_diffusers']:.3f}**" if pair_ratio else "")
+                if pair_ratio and pair_ratio["against"] != f"{r['pair']}_diffusers":
+                    ratio += f" (against {pair_ratio['against']})"
                 note = f"{r['skipped_updates']} of {len(r['times'])} updates skipped by the loss scaler" \
                     if r.get("skipped_updates") else ""
                 lines.append(f"| {r['case']} | {r['what']} | {r['precision']} | {r['seconds']:.4f} | "

@@ -38,19 +38,22 @@ def test_tiny_run_measures_or_skips_every_case(tmp_path):
             assert r["reason"].strip(), name
     # the cases that cannot fail on a CPU with this environment do run
     for name in ("base_ours", "base_diffusers", "gc_ours", "lora_ours", "lora_diffusers", "sample_ours",
-                 "sample_diffusers"):
+                 "sample_diffusers", "cache_all_ours", "frozen_text_diffusers"):
         assert cases[name]["status"] == "measured", (name, cases[name].get("reason"))
-    for pair, (_, _, _, sides) in bench.PAIRS.items():
-        both = len(sides) == 2 and all(cases[f"{pair}_{s}"]["status"] == "measured" for s in sides)
+    for pair in bench.PAIRS:           # a saver diffusers lacks is compared with diffusers doing without it
+        against = f"{bench.REFERENCE.get(pair, pair)}_diffusers"
+        both = all(cases.get(c, {}).get("status") == "measured" for c in (f"{pair}_ours", against))
         if both:
             ratio = report["ratios"][pair]
             assert ratio["time_ours_over_diffusers"] > 0 and ratio["memory_ours_over_diffusers"] > 0, pair
+            assert ratio["against"] == against
         else:
             assert pair not in report["ratios"], pair
+    assert report["ratios"]["cache_all"]["against"] == "frozen_text_diffusers"
     assert report["env"]["torch"] and report["env"]["diffusers"]
     with open(stem + ".md") as f:
         text = f.read()
-    assert "| base_ours |" in text and "ours / diffusers" in text
+    assert "| base_ours |" in text and "ours / diffusers" in text and "(against frozen_text_diffusers)" in text
     if report["env"]["device_kind"] == "cpu":
         assert "fp32" in report["note"] and "CPU" in text
 
