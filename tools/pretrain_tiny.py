@@ -48,11 +48,12 @@ def to_model(images_u8, torch):
     return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warmup, then a cosine from `peak` down to `floor` * peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_vae(vae, images, args, torch):

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 import _path  # noqa: F401  (repository root on sys.path)
+from pretrain_tiny import cosine_lr, world_images
 from common.cli import run_cli
 from common.config import UserArgumentParser, add_bool
 from common.errors import UserError
@@ -56,13 +57,6 @@ def _info_nce(a, b, scale, torch):
     return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
 
 
-def _lr(step, total, peak, warmup=100):
-    import math
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def train_clip(images, captions, args, torch):
     import open_clip
     from tqdm.auto import tqdm
@@ -83,7 +77,7 @@ def train_clip(images, captions, args, torch):
         x = _normalise(images[idx], CLIP_MEAN, CLIP_STD, torch)
         loss = _info_nce(model.encode_image(x), model.encode_text(ids[idx]), model.logit_scale.exp(), torch)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, args.steps, args.lr)
+            g["lr"] = cosine_lr(step, args.steps, args.lr, 100, floor=0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -128,7 +122,7 @@ def train_dino(images, args, torch):
         views = [_normalise(_random_crops(batch, gen, torch), IMAGENET_MEAN, IMAGENET_STD, torch) for _ in range(2)]
         loss = _info_nce(head(model(views[0])), head(model(views[1])), 1 / 0.2, torch)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, args.steps, args.lr)
+            g["lr"] = cosine_lr(step, args.steps, args.lr, 100, floor=0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -159,7 +153,6 @@ def main() -> int:
     import torch
 
     from common.formats.checkpoint_io import save_state_dict
-    from pretrain_tiny import world_images
 
     if args.threads:
         torch.set_num_threads(args.threads)
