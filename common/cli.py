@@ -11,9 +11,9 @@ from common.errors import UserError
 
 
 def setup_logging(level: str = "INFO") -> None:
-    level = str(level).replace("logging.", "").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    level = getattr(logging, str(level).replace("logging.", "").upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)     # also where logging was configured already (an embedding program)
     for noisy in ("urllib3", "PIL", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -1,8 +1,6 @@
 """text_to_image on the MindSpore backend gives the PyTorch backend's images: same weights, same
 seed, every sampler, with and without LoRA, and from a checkpoint converted to MindONE's layout."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,8 @@ import pytest
 pytest.importorskip("mindspore")
 pytest.importorskip("torch")
 
-from conftest import ROOT, TINY  # noqa: E402
+from conftest import TINY  # noqa: E402
+from helpers.scripts import run_script  # noqa: E402
 from common.formats import lora as lora_fmt  # noqa: E402
 from common.arch import load_arch  # noqa: E402
 from common.formats.checkpoint_io import load_state_dict  # noqa: E402
@@ -88,18 +87,14 @@ def test_class_images_through_the_mindspore_pipeline(tmp_path, tiny_models):
 
 def test_cli_on_a_converted_mindone_checkpoint(tmp_path, tiny_models):
     """convert_weights.py -> MindONE .ckpt -> text_to_image --backend ascend == --backend cuda on the original."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     ckpt = tmp_path / "tiny-v2-ms.ckpt"
-    subprocess.run([sys.executable, "tools/model_conversion/convert_weights.py", "--source", tiny_models["v2"],
-                    "--target", str(ckpt), "--model", "sdv2", "--source_version", "pt", "--config", TINY["v2"]],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    run_script("tools/model_conversion/convert_weights.py", "--source", tiny_models["v2"], "--target", ckpt,
+               "--model", "sdv2", "--source_version", "pt", "--config", TINY["v2"])
     common = ["--config", TINY["v2"], "--prompt", "a photo of sks robot", "--n_samples", "1", "--n_iter", "1",
               "--sampling_steps", "3", "--H", str(SIZE), "--W", str(SIZE), "--seed", "9"]
     for backend, source in (("ascend", str(ckpt)), ("cuda", tiny_models["v2"])):
-        proc = subprocess.run([sys.executable, "text_to_image.py", "--backend", backend, "--ckpt_path", source,
-                               "--output_path", str(tmp_path / backend), *common],
-                              cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_script("text_to_image.py", "--backend", backend, "--ckpt_path", source,
+                   "--output_path", tmp_path / backend, *common)
     from PIL import Image
     a = np.asarray(Image.open(tmp_path / "ascend" / "samples" / "00000.png"), np.float32)
     b = np.asarray(Image.open(tmp_path / "cuda" / "samples" / "00000.png"), np.float32)

@@ -167,12 +167,11 @@ def test_ctrl_c_is_exit_130_with_one_message_on_both_backends(tmp_path, tiny_mod
     import subprocess
     import sys
 
-    from test_cli import ENV
-
     proc = subprocess.Popen([sys.executable, "text_to_image.py", "--backend", backend, "--config", TINY["v1"],
                              "--ckpt_path", tiny_models["v1"], "--n_samples", "1", "--n_iter", "40",
                              "--sampling_steps", "500", "--H", "32", "--W", "32", "--ms_mode", "1",
-                             "--output_path", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True, env=ENV,
+                             "--output_path", str(tmp_path)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"),
                             # as from a terminal: a parallel test worker may run with SIGINT ignored, which a
                             # child inherits (and then, rightly, keeps: nohup and `&` rely on that)
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -1,22 +1,16 @@
 """The two scripts as users run them: each training mode end to end, and bad input as one line."""
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 
-from conftest import ROOT, SUBJECT, TINY
+from conftest import SUBJECT, TINY
+from helpers.scripts import run_script
 from common.formats.checkpoint_io import load_state_dict
-
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 
 
 def run(*args, check=True):
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    return run_script(*args, check=check)
 
 
 def train(out, model, config, *extra, check=True):

@@ -4,8 +4,6 @@ errors with exit code 2, no overwriting without --overwrite)."""
 import importlib.util
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from common.arch import load_arch
 from common.errors import UserError
 from common.formats.init_weights import random_weights
 from common.formats.lora import LoraPair, from_state_dict, lora_targets, to_diffusers, to_kohya
+from helpers.scripts import run_script
 
 try:
     import torch
@@ -40,8 +39,7 @@ _spec.loader.exec_module(cw)
 
 def cli(*args, cwd=None):
     """Run the script as users do; returns (exit code, stdout, stderr)."""
-    r = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd or ROOT, timeout=120)
+    r = run_script(SCRIPT, *args, cwd=cwd or ROOT, check=False)
     return r.returncode, r.stdout, r.stderr
 
 

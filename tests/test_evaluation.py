@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 import sys
 import warnings
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers.scripts import run_script
 from conftest import ROOT, SUBJECT
 from common.evaluation import scores as ev
 from common.formats.checkpoint_io import save_state_dict
@@ -24,7 +24,6 @@ from common.evaluation.models import (ClipSource, clip_arch, clip_parameter_shap
 from common.tokenizer import CLIPTokenizer
 
 EVAL = os.path.join(ROOT, "tools", "eval")
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 PARITY = 1e-4
 
 
@@ -302,8 +301,7 @@ def test_backends_agree(encoders, gen_dir, tokenizer, capsys):
 # --------------------------------------------------------------------------- scripts
 
 def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(EVAL, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    return run_script(os.path.join(EVAL, script), *args, check=False)
 
 
 def assert_one_line_error(proc, needle):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SUBJECT, TINY, free_port
+from helpers.scripts import run_script
 from common.formats.checkpoint_io import load_state_dict
 from common.training.train_args import parse_train_args
 
@@ -57,10 +58,8 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, tiny_models):
               "--sampling_steps", "2", "--image_size", "64", "--train_data_repeats", "2", "--mixed_precision", "no",
               "--max_train_steps", "3", "--start_learning_rate", "1e-3", "--seed", "5", "--adam_epsilon", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    one = subprocess.run([sys.executable, *common, "--train_batch_size", "2", "--output_path", str(tmp_path / "one"),
-                          "--class_data_dir", str(tmp_path / "class_one")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_script(*common, "--train_batch_size", "2", "--output_path", tmp_path / "one",
+               "--class_data_dir", tmp_path / "class_one")
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     # accelerate's --cpu launcher needs mpirun for several processes; --multi_gpu on a machine without
     # GPUs starts them through torchrun and the processes fall back to the CPU with gloo

@@ -1,32 +1,26 @@
 """MindONE's three DreamBooth configs through the CLI with --backend ascend (train, resume, sample),
-and msrun's flag without msrun. A module of its own: these are subprocesses, independent of
-test_train_ascend's compiled Trainers, so the two modules can run in parallel processes."""
+and msrun's flag without msrun. A module of its own, independent of test_train_ascend's compiled
+Trainers, so the two modules can run in parallel processes."""
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip("mindspore")
 
-from conftest import ROOT, SUBJECT, TINY  # noqa: E402
+from conftest import SUBJECT, TINY  # noqa: E402
+from helpers.scripts import run_script  # noqa: E402
 from common.formats import lora as lora_fmt  # noqa: E402
 from common.formats.checkpoint_io import load_state_dict  # noqa: E402
 from common.formats.lora import MINDSPORE_WEIGHT_NAME as MINDSPORE_LORA_NAME  # noqa: E402
 
 SIZE = 16
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 
 
-def run(*argv, env=None, check=True):
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, env=env or ENV,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return proc
+def run(*argv, check=True, fresh=False):
+    return run_script(*argv, check=check, fresh=fresh)
 
 
 @pytest.mark.parametrize("config", ["dreambooth", "dreambooth_vanilla", "dreambooth_lora"])
@@ -75,7 +69,7 @@ def test_use_parallel_without_msrun_is_one_line(tmp_path, tiny_models):
     proc = run("train_dreambooth.py", "--backend", "ascend", "--use_parallel", "True", "--model_config", TINY["v2"],
                "--pretrained_model_path", tiny_models["v2"], "--instance_data_dir", SUBJECT,
                "--instance_prompt", "a photo of sks robot", "--with_prior_preservation", "False",
-               "--output_path", str(tmp_path / "run"), check=False)
+               "--output_path", str(tmp_path / "run"), check=False, fresh=True)   # a failed communication init stays
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "msrun" in lines[0]

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 from conftest import ROOT, SUBJECT, TINY
-from test_cli import ENV
 
 RUNNER = os.path.join(ROOT, "tests", "helpers", "without_torch.py")
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def run(*args):

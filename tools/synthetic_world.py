@@ -34,6 +34,8 @@ COLOURS = {
 }
 ROBOT_COLOURS = tuple(c for c in COLOURS if c != "teal")       # the subject's body colour stays unseen
 CLASSES = ("robot", "mug", "ball", "car")
+# robots are the varied class the demo is about: they get as many scenes as the three others together
+CLASS_WEIGHTS = (0.5, 1 / 6, 1 / 6, 1 / 6)
 # background kind (make_sample_subject.draw_background) -> the words a caption uses for it
 BACKGROUNDS = {"beach": "on the beach", "snow": "in the snow", "meadow": "on the grass",
                "table": "on a table", "night": "at night"}
@@ -67,7 +69,7 @@ class Scene:
 
 
 def sample_scene(rng: np.random.Generator, seed: int) -> Scene:
-    cls = str(rng.choice(CLASSES))
+    cls = str(rng.choice(CLASSES, p=CLASS_WEIGHTS))
     colours = ROBOT_COLOURS if cls == "robot" else tuple(COLOURS)
     return Scene(cls, str(rng.choice(colours)), str(rng.choice(list(BACKGROUNDS))), str(rng.choice(list(SIZES))),
                  str(rng.choice(list(POSITIONS))), seed)

@@ -6,7 +6,7 @@ import logging
 import textwrap
 
 from common.config import UserArgumentParser, add_bool, backend_name, count
-from common.cli import check_output_file
+from common.cli import check_output_file, setup_logging
 from common.errors import UserError
 from common.evaluation.scores import DEFINITIONS, PREPROCESS_HELP
 
@@ -55,8 +55,7 @@ def add_common_flags(p: argparse.ArgumentParser, result_default: bool) -> None:
 
 
 def setup(args) -> None:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging("WARNING" if args.quiet else "INFO")
     for noisy in ("PIL", "urllib3", "filelock", "httpx", "root", "timm", "open_clip"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if getattr(args, "save_result", False):
