@@ -53,6 +53,14 @@ def _environment(env: dict | None):
         os.environ.update(saved)
 
 
+def _fresh_warning_filters() -> None:
+    """The filters of a fresh interpreter (what `python script` shows, once per call)."""
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__", append=True)
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category, append=True)
+
+
 def _in_process(argv, env, cwd) -> subprocess.CompletedProcess:
     out, err = io.StringIO(), io.StringIO()
     path = os.path.join(cwd, argv[0])
@@ -62,7 +70,7 @@ def _in_process(argv, env, cwd) -> subprocess.CompletedProcess:
     saved = (sys.argv, list(sys.path), os.getcwd(), root.level, signal.getsignal(signal.SIGTERM))
     code = 0
     with _environment(env), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")       # shown once per call, as in a fresh process
+        _fresh_warning_filters()
         root.addHandler(handler)
         sys.argv = argv
         sys.path.insert(0, os.path.dirname(path))   # as `python script` does
