@@ -78,7 +78,8 @@ def test_class_images_through_the_mindspore_pipeline(tmp_path, tiny_models):
     arch = load_arch(TINY["v2"])
     args = parse_train_args(["--instance_data_dir", "x", "--instance_prompt", "x", "--class_data_dir",
                              str(tmp_path / "cls"), "--class_prompt", "a robot", "--num_class_images", "3",
-                             "--sample_batch_size", "2", "--sampling_steps", "2", "--image_size", str(SIZE)])
+                             "--sample_batch_size", "2", "--sampling_steps", "2", "--image_size", str(SIZE),
+                             "--mode", "1"])        # PYNATIVE_MODE: two batch shapes, no graph compiled for each
     group = ascend.process_group(args)
     assert ensure_class_images(ascend, group, arch, load_state_dict(tiny_models["v2"]), tokenizer_for(arch.text), args) == 3
     assert sorted(os.listdir(tmp_path / "cls")) == ["00000.png", "00001.png", "00002.png"]
