@@ -182,6 +182,7 @@ def test_ctrl_c_is_exit_130_with_one_message_on_both_backends(tmp_path, tiny_mod
         seen += char
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
+    proc.stderr.close()
     assert proc.wait(timeout=60) == 130, (seen + rest)[-2000:]
     assert (seen + rest).strip().splitlines()[-1] == "interrupted; resume with --resume"
 

@@ -385,39 +385,41 @@ def run_training(args, backend) -> Dict[str, object]:
     steps_log = StepLog(folder.loss_log if main else None, bar, args.callback_size, board)
     t0 = time.time()
     last_saved = step if args.resume is not None else -1
-    while step < total:
-        epoch, first = divmod(micro, used_per_epoch)
-        for index, data in enumerate(dataset.batches(args.train_batch_size, epoch, rank=rank, world_size=world,
-                                                     start_step=first), start=first):
-            if index >= used_per_epoch:
-                break
-            update = (micro + 1) % accum == 0
-            randoms = step_inputs(schedule, args, micro, rank, world, args.train_batch_size, latent_shape,
-                                  "class_images" in data)
-            stats = trainer.train_step(make_batch(data, randoms, args.prior_loss_weight, encoded),
-                                       learning_rate(step), update)
-            micro += 1
-            if not update:
-                continue
-            step += 1
-            bar.update(1)
-            steps_log.add(step, epoch, stats, learning_rate(step - 1), time.time() - t0)
-            end_of_epoch = index + 1 == used_per_epoch
-            due = (step % args.ckpt_save_steps == 0) if args.ckpt_save_steps else \
-                (end_of_epoch and (epoch + 1) % args.ckpt_save_interval == 0)
-            if due or step == total:
-                steps_log.flush()                # a NaN loss stops the run before it is saved
-                save_checkpoint(folder, trainer, arch, args, step, micro, main)
-                last_saved = step
-            if main and args.validation_prompts and validation_due(args, step, total, epoch, end_of_epoch):
-                steps_log.flush()
-                validate(trainer, arch, tokenizer, args, folder, step, board)
-            if step >= total:
-                break
-    steps_log.flush()
-    bar.close()
-    if board is not None:
-        board.close()
+    try:       # the event file and the bar are closed however the loop ends (an error, Ctrl-C)
+        while step < total:
+            epoch, first = divmod(micro, used_per_epoch)
+            for index, data in enumerate(dataset.batches(args.train_batch_size, epoch, rank=rank, world_size=world,
+                                                         start_step=first), start=first):
+                if index >= used_per_epoch:
+                    break
+                update = (micro + 1) % accum == 0
+                randoms = step_inputs(schedule, args, micro, rank, world, args.train_batch_size, latent_shape,
+                                      "class_images" in data)
+                stats = trainer.train_step(make_batch(data, randoms, args.prior_loss_weight, encoded),
+                                           learning_rate(step), update)
+                micro += 1
+                if not update:
+                    continue
+                step += 1
+                bar.update(1)
+                steps_log.add(step, epoch, stats, learning_rate(step - 1), time.time() - t0)
+                end_of_epoch = index + 1 == used_per_epoch
+                due = (step % args.ckpt_save_steps == 0) if args.ckpt_save_steps else \
+                    (end_of_epoch and (epoch + 1) % args.ckpt_save_interval == 0)
+                if due or step == total:
+                    steps_log.flush()                # a NaN loss stops the run before it is saved
+                    save_checkpoint(folder, trainer, arch, args, step, micro, main)
+                    last_saved = step
+                if main and args.validation_prompts and validation_due(args, step, total, epoch, end_of_epoch):
+                    steps_log.flush()
+                    validate(trainer, arch, tokenizer, args, folder, step, board)
+                if step >= total:
+                    break
+        steps_log.flush()
+    finally:
+        bar.close()
+        if board is not None:
+            board.close()
     if last_saved != step:
         save_checkpoint(folder, trainer, arch, args, step, micro, main)
     latest = folder.checkpoints()[-1] if folder.checkpoints() else None
