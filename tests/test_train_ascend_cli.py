@@ -19,8 +19,7 @@ from common.formats.lora import MINDSPORE_WEIGHT_NAME as MINDSPORE_LORA_NAME  # 
 SIZE = 16
 
 
-def run(*argv, check=True, fresh=False):
-    return run_script(*argv, check=check, fresh=fresh)
+run = run_script
 
 
 @pytest.mark.parametrize("config", ["dreambooth", "dreambooth_vanilla", "dreambooth_lora"])

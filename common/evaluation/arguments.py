@@ -56,7 +56,7 @@ def add_common_flags(p: argparse.ArgumentParser, result_default: bool) -> None:
 
 def setup(args) -> None:
     setup_logging("WARNING" if args.quiet else "INFO")
-    for noisy in ("PIL", "urllib3", "filelock", "httpx", "root", "timm", "open_clip"):
+    for noisy in ("root", "timm", "open_clip"):          # beyond setup_logging's own list
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if getattr(args, "save_result", False):
         check_output_file(args.result_path, "--result_path")

@@ -67,7 +67,8 @@ def _in_process(argv, env, cwd) -> subprocess.CompletedProcess:
     root = logging.getLogger()
     handler = logging.StreamHandler(err)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
-    saved = (sys.argv, list(sys.path), os.getcwd(), root.level, signal.getsignal(signal.SIGTERM))
+    argv0, path0, cwd0, level0 = sys.argv, list(sys.path), os.getcwd(), root.level
+    sigterm0 = signal.getsignal(signal.SIGTERM)
     code = 0
     with _environment(env), warnings.catch_warnings(record=True) as caught:
         _fresh_warning_filters()
@@ -87,10 +88,10 @@ def _in_process(argv, env, cwd) -> subprocess.CompletedProcess:
             code = 1
         finally:
             root.removeHandler(handler)
-            sys.argv, sys.path[:], _, level, sigterm = saved
-            os.chdir(saved[2])
-            root.setLevel(level)
-            signal.signal(signal.SIGTERM, sigterm)
+            sys.argv, sys.path[:] = argv0, path0
+            os.chdir(cwd0)
+            root.setLevel(level0)
+            signal.signal(signal.SIGTERM, sigterm0)
     for w in caught:
         err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
