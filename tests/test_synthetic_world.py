@@ -53,3 +53,45 @@ def test_the_cli_writes_images_and_captions_and_refuses_to_overwrite(world, tmp_
     assert len(lines) == 3 and sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "metadata.jsonl"]
     assert world.main(["--output", out, "--count", "3"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_world_clip_and_dino_know_the_world(world, tmp_path):
+    """assets/tiny_world's CLIP and DINO on 100 held-out scenes (a seed they were not trained on):
+    the CLIP names the background, the object's class and its colour zero-shot, and the DINO
+    embeds scenes of one background together, so their scores mean something within the world.
+    Measured when set: background 1.00, class 0.78, colour 0.93, DINO neighbour's background 0.97."""
+    from common.evaluation import scores
+    from common.evaluation.arguments import clip_tokenizer
+    from common.evaluation.models import load_clip_source, load_dino_source
+
+    assets = os.path.join(ROOT, "assets", "tiny_world")
+    clip_src = load_clip_source(os.path.join(assets, "world_clip.safetensors"), None, os.path.join(assets, "world_clip.json"))
+    dino_src = load_dino_source(os.path.join(assets, "world_dino.safetensors"), None, os.path.join(assets, "world_dino.json"))
+    clip, dino = scores.load_clip_encoder("cuda", clip_src), scores.load_dino_encoder("cuda", dino_src)
+    tokenizer = clip_tokenizer(clip_src, None)
+    held_out = [scene for scene, _ in world.scenes(100, seed=7)]
+    paths = []
+    for k, scene in enumerate(held_out):
+        paths.append(str(tmp_path / f"{k:03d}.png"))
+        world.render(scene).save(paths[-1])
+    images = scores.embed_images(clip, paths, scores.CLIP_MEAN, scores.CLIP_STD)
+
+    def zero_shot(names, texts, truth):
+        picks = scores.cosine_matrix(images, scores.embed_texts(clip, tokenizer, texts)).argmax(axis=1)
+        return float(np.mean([names[i] == t for i, t in zip(picks, truth)]))
+
+    backgrounds = list(world.BACKGROUNDS)
+    colours = sorted({s.colour for s in held_out})
+    accuracy = {
+        "background": zero_shot(backgrounds, [f"a robot {world.BACKGROUNDS[b]}" for b in backgrounds],
+                                [s.background for s in held_out]),
+        "class": zero_shot(world.CLASSES, [f"a photo of a {c}" for c in world.CLASSES], [s.cls for s in held_out]),
+        "colour": zero_shot(colours, [f"a {c} robot" for c in colours], [s.colour for s in held_out]),
+    }
+    dino_emb = scores.embed_images(dino, paths, scores.IMAGENET_MEAN, scores.IMAGENET_STD)
+    similar = scores.cosine_matrix(dino_emb, dino_emb)
+    np.fill_diagonal(similar, -np.inf)
+    accuracy["dino_neighbour_background"] = float(np.mean(
+        [held_out[j].background == s.background for s, j in zip(held_out, similar.argmax(axis=1))]))
+    assert accuracy["background"] >= 0.95 and accuracy["dino_neighbour_background"] >= 0.95, accuracy
+    assert accuracy["class"] >= 0.7 and accuracy["colour"] >= 0.75, accuracy   # chance: 0.25 and 1/12

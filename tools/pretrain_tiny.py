@@ -169,6 +169,9 @@ def main() -> int:
     p.add_argument("--vae_steps", type=int, default=800, help="VAE training steps")
     p.add_argument("--vae_from", default=None,
                    help="take the (already rescaled) VAE of an earlier output of this script and skip stage 1")
+    p.add_argument("--init_from", default=None,
+                   help="continue an earlier output of this script: its VAE is kept (stage 1 skipped) and its "
+                        "UNet and text encoder are trained --unet_steps more (a fresh warm-up and cosine schedule)")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="VAE peak learning rate")
     p.add_argument("--vae_kl", type=float, default=1e-4, help="weight of the KL term (per latent element)")
     p.add_argument("--unet_steps", type=int, default=4000, help="UNet + text encoder training steps")
@@ -195,9 +198,14 @@ def main() -> int:
     started = time.time()
     images, captions = world_images(args.scenes, arch.image_size, args.seed)
     unet, vae, text = build_models(arch)
-    if args.vae_from:
-        load_weights(vae, keymap.ldm_to_diffusers(load_state_dict(args.vae_from), arch)["vae"], "vae")
+    earlier = load_state_dict(args.init_from or args.vae_from) if (args.init_from or args.vae_from) else None
+    if earlier:
+        parts = keymap.ldm_to_diffusers({k: v.astype(np.float32) for k, v in earlier.items()}, arch)
+        load_weights(vae, parts["vae"], "vae")
         vae.requires_grad_(False).eval()
+        if args.init_from:
+            load_weights(unet, parts["unet"], "unet")
+            load_weights(text, parts["text_encoder"], "text_encoder")
     else:
         mse = train_vae(vae, images, args, torch)
         vae.requires_grad_(False).eval()

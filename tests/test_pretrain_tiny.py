@@ -1,0 +1,51 @@
+"""tools/pretrain_tiny.py and tools/pretrain_tiny_eval.py, the scripts behind assets/tiny_world,
+run for a few steps: what they write loads where the project reads it, and a continued run keeps
+the earlier run's VAE (its latent space) while training the rest further."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from conftest import ROOT
+from helpers.scripts import run_script
+
+CONFIG = os.path.join(ROOT, "configs", "tiny-v1-inference.yaml")
+TINY = ("--scenes", 24, "--batch_size", 4, "--threads", 1)
+
+
+def test_pretraining_writes_a_model_and_continues_from_it(tmp_path):
+    from common.formats import loading
+    from common.formats.checkpoint_io import safetensors_metadata
+
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    run_script("tools/pretrain_tiny.py", "--output", first, "--vae_steps", 2, "--unet_steps", 2, *TINY)
+    again = run_script("tools/pretrain_tiny.py", "--output", first, "--unet_steps", 2, *TINY, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    # another seed: another initialisation, which the continued run must not use
+    run_script("tools/pretrain_tiny.py", "--output", second, "--init_from", first, "--unet_steps", 3, "--seed", 1, *TINY)
+    arch = loading.model_arch(CONFIG, None)
+    a, b = (loading.load_model_weights(str(p), arch) for p in (first, second))
+    assert a.keys() == b.keys() and all(v.dtype == np.float16 for v in a.values())
+    vae = [k for k in a if k.startswith("first_stage_model.")]
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert vae and unet and all(np.array_equal(a[k], b[k]) for k in vae)
+    # trained further from the first run's UNet, not from its own initialisation
+    drift = max(float(np.abs(a[k].astype(np.float32) - b[k].astype(np.float32)).max()) for k in unet)
+    assert 0 < drift < 0.01, drift
+    assert "--init_from" in safetensors_metadata(str(second))["command"]
+
+
+def test_eval_pretraining_writes_models_the_evaluation_reads(tmp_path):
+    from common.evaluation import scores
+    from common.evaluation.models import load_clip_source, load_dino_source
+
+    run_script("tools/pretrain_tiny_eval.py", "--output_dir", tmp_path, "--steps", 2, "--scenes", 24,
+               "--batch_size", 8, "--threads", 1)
+    clip = scores.load_clip_encoder("cuda", load_clip_source(str(tmp_path / "world_clip.safetensors"), None,
+                                                             str(tmp_path / "world_clip.json")))
+    dino = scores.load_dino_encoder("cuda", load_dino_source(str(tmp_path / "world_dino.safetensors"), None,
+                                                             str(tmp_path / "world_dino.json")))
+    for encoder in (clip, dino):
+        size = encoder.arch.image_size
+        assert np.isfinite(encoder.encode_images(np.zeros((1, 3, size, size), np.float32))).all()
