@@ -1,6 +1,7 @@
-"""tools/pretrain_tiny.py and tools/pretrain_tiny_eval.py, the scripts behind assets/tiny_world,
-run for a few steps: what they write loads where the project reads it, and a continued run keeps
-the earlier run's VAE (its latent space) while training the rest further."""
+"""The tools behind assets/tiny_world, in short runs: tools/pretrain_tiny.py and
+tools/pretrain_tiny_eval.py write what the project reads, and a continued pretraining keeps the
+earlier run's VAE (its latent space) while training the rest further; tools/eval_tiny_world.py
+measures how much of its prompts a world model follows."""
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ def test_pretraining_writes_a_model_and_continues_from_it(tmp_path):
     # trained further from the first run's UNet, not from its own initialisation
     drift = max(float(np.abs(a[k].astype(np.float32) - b[k].astype(np.float32)).max()) for k in unet)
     assert 0 < drift < 0.01, drift
-    assert "--init_from" in safetensors_metadata(str(second))["command"]
+    first_run, history = safetensors_metadata(str(first)), safetensors_metadata(str(second))
+    assert history["command"].startswith(first_run["command"] + " ; then --output")   # how it was made, in order
+    assert "--init_from" in history["command"] and float(history["minutes"]) >= float(first_run["minutes"])
 
 
 def test_eval_pretraining_writes_models_the_evaluation_reads(tmp_path):
@@ -49,3 +52,22 @@ def test_eval_pretraining_writes_models_the_evaluation_reads(tmp_path):
     for encoder in (clip, dino):
         size = encoder.arch.image_size
         assert np.isfinite(encoder.encode_images(np.zeros((1, 3, size, size), np.float32))).all()
+
+
+def test_world_model_evaluation_names_what_the_samples_show(tmp_path):
+    """tools/eval_tiny_world.py on the committed world model (one image per prompt, two steps):
+    accuracies in results.json, a grid, and it keeps a filled output folder unless told."""
+    import json
+
+    model = os.path.join(ROOT, "assets", "tiny_world", "tiny-v1-world.safetensors")
+    out = tmp_path / "eval"
+    run_script("tools/eval_tiny_world.py", "--ckpt_path", model, "--output_dir", out, "--n_samples", 1,
+               "--sampling_steps", 2)
+    results = json.load(open(out / "results.json"))
+    assert {k: results[k]["chance"] for k in ("background", "class", "colour")} == {
+        "background": 0.2, "class": 0.25, "colour": 0.25}
+    assert all(0 <= results[k]["accuracy"] <= 1 and len(results[k]["picked"]) == round(1 / results[k]["chance"])
+               for k in ("background", "class", "colour"))
+    assert len(os.listdir(out / "samples")) == 13 and (out / "grid.png").is_file()
+    again = run_script("tools/eval_tiny_world.py", "--ckpt_path", model, "--output_dir", out, check=False)
+    assert again.returncode == 2 and "--overwrite True" in again.stderr

@@ -158,6 +158,16 @@ def train_unet(unet, text, arch, latents, captions, args, torch):
     return ema[0], ema[1], avg
 
 
+def run_metadata(arch, command: str, minutes: float, earlier=None) -> dict:
+    """The output's safetensors metadata; a continued run (--init_from) keeps the earlier runs'
+    commands, in order, and adds up the minutes."""
+    if earlier:
+        command = f"{earlier.get('command', '?')} ; then {command}"
+        minutes += float(earlier.get("minutes", 0))
+    return {"description": f"tiny SD ({arch.version}) pretrained on the synthetic world by tools/pretrain_tiny.py",
+            "command": command, "minutes": f"{minutes:.1f}"}
+
+
 def main() -> int:
     p = UserArgumentParser(prog="pretrain_tiny.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,7 +199,7 @@ def main() -> int:
     from backends.cuda.models import build_models, load_weights, module_weights
     from common.arch import load_arch
     from common.formats import keymap
-    from common.formats.checkpoint_io import load_state_dict, save_state_dict
+    from common.formats.checkpoint_io import load_state_dict, safetensors_metadata, save_state_dict
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -219,9 +229,8 @@ def main() -> int:
     weights = {k: v.astype(np.float16) for k, v in keymap.diffusers_to_ldm(parts, arch).items()}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     minutes = (time.time() - started) / 60
-    save_state_dict(args.output, weights, overwrite=True, metadata={
-        "description": f"tiny SD ({arch.version}) pretrained on the synthetic world by tools/pretrain_tiny.py",
-        "command": " ".join(sys.argv[1:]), "minutes": f"{minutes:.1f}"})
+    save_state_dict(args.output, weights, overwrite=True, metadata=run_metadata(
+        arch, " ".join(sys.argv[1:]), minutes, safetensors_metadata(args.init_from) if args.init_from else None))
     n = sum(int(v.size) for v in weights.values())
     print(f"wrote {args.output}: {n / 1e6:.2f}M parameters, fp16, {os.path.getsize(args.output) / 1e6:.1f} MB, "
           f"{minutes:.0f} min")
