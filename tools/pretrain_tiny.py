@@ -208,9 +208,9 @@ def main() -> int:
     started = time.time()
     images, captions = world_images(args.scenes, arch.image_size, args.seed)
     unet, vae, text = build_models(arch)
-    earlier = load_state_dict(args.init_from or args.vae_from) if (args.init_from or args.vae_from) else None
+    earlier = args.init_from or args.vae_from
     if earlier:
-        parts = keymap.ldm_to_diffusers({k: v.astype(np.float32) for k, v in earlier.items()}, arch)
+        parts = keymap.ldm_to_diffusers({k: v.astype(np.float32) for k, v in load_state_dict(earlier).items()}, arch)
         load_weights(vae, parts["vae"], "vae")
         vae.requires_grad_(False).eval()
         if args.init_from:
