@@ -19,8 +19,11 @@ Cases (each `<pair>_ours` against `<pair>_diffusers` on the same modules, weight
                        against diffusers' base
       frozen_text      text encoder frozen (diffusers' default), the reference for the next one
       precompute_text  text encoder frozen, --pre_compute_text_embeddings (diffusers frees the encoder)
-      cache_all        text encoder frozen, --cache_latents and --pre_compute_text_embeddings (ours
-                       only), against diffusers' frozen_text: the same training without caching
+      fused            + --fused_adam (ours only: torch's fused AdamW kernel, our default on CUDA, where
+                       diffusers' script leaves torch's default), against diffusers' base
+      cache_all        text encoder frozen, --cache_latents, --pre_compute_text_embeddings and
+                       --fused_adam (ours only), against diffusers' frozen_text: the same training
+                       without the savers
   LoRA step        lora: rank 4 on to_q/to_k/to_v/to_out.0 of the UNet, base model in fp16, fp32
                    adapters; diffusers as train_dreambooth_lora.py (peft LoraConfig, add_adapter)
   Inference        sample: one image, --steps DPM-Solver++ steps, CFG 7.5, VAE decode included;
@@ -79,8 +82,9 @@ PAIRS = {
     "frozen_text": ("train", "text encoder frozen", {"train_text": False}, SIDES),
     "precompute_text": ("train", "text encoder frozen + --pre_compute_text_embeddings",
                         {"train_text": False, "precompute": True}, SIDES),
-    "cache_all": ("train", "text encoder frozen + --cache_latents + --pre_compute_text_embeddings",
-                  {"train_text": False, "cache_latents": True, "precompute": True}, ("ours",)),
+    "fused": ("train", "+ --fused_adam", {"fused": True}, ("ours",)),
+    "cache_all": ("train", "text encoder frozen + --cache_latents + --pre_compute_text_embeddings + --fused_adam",
+                  {"train_text": False, "cache_latents": True, "precompute": True, "fused": True}, ("ours",)),
     "lora": ("lora", f"LoRA rank {LORA_RANK}, attention layers, UNet only", {"lora": True, "train_text": False},
              SIDES),
     "sample": ("sample", "DPM-Solver++, CFG 7.5", {}, SIDES),
@@ -88,7 +92,7 @@ PAIRS = {
 CASES = [f"{pair}_{side}" for pair, (_, _, _, sides) in PAIRS.items() for side in sides]
 # savers diffusers' scripts lack: ours with the saver against diffusers' loop doing the same
 # training without it (what a diffusers user runs for that training)
-REFERENCE = {"cache_latents": "base", "cache_all": "frozen_text"}
+REFERENCE = {"cache_latents": "base", "fused": "base", "cache_all": "frozen_text"}
 KIND_TITLES = {"train": "DreamBooth training step", "lora": "LoRA training step", "sample": "Inference"}
 
 
@@ -200,6 +204,8 @@ def ours_train(arch, weights, config: str, size: int, settings: dict, cuda: bool
         flags += ["--cache_latents", "True"]
     if settings.get("precompute"):
         flags += ["--pre_compute_text_embeddings", "True"]
+    if settings.get("fused"):
+        flags += ["--fused_adam", "True"]
     if settings.get("lora"):
         flags += ["--use_lora", "True", "--lora_rank", str(LORA_RANK), "--lora_layers", "attention"]
     argv = ["--model_config", config, "--instance_data_dir", "instance", "--instance_prompt", PROMPT,
@@ -422,6 +428,10 @@ def in_subprocess(name: str, opts) -> dict:
     except subprocess.TimeoutExpired:
         return _record(name, reason=f"no result within --timeout {opts.timeout:g} s")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == -9 and not lines:     # SIGKILL: on a host, the kernel's out-of-memory killer
+        gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+        return _record(name, status="skipped", reason=f"killed by SIGKILL: most likely out of host memory "
+                                                      f"({gib:.0f} GiB)")
     if proc.returncode or not lines:
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
         return _record(name, reason=f"process exited with {proc.returncode}: {' | '.join(tail) or 'no output'}")

@@ -38,7 +38,7 @@ def test_tiny_run_measures_or_skips_every_case(tmp_path):
             assert r["reason"].strip(), name
     # the cases that cannot fail on a CPU with this environment do run
     for name in ("base_ours", "base_diffusers", "gc_ours", "lora_ours", "lora_diffusers", "sample_ours",
-                 "sample_diffusers", "cache_all_ours", "frozen_text_diffusers"):
+                 "sample_diffusers", "fused_ours", "cache_all_ours", "frozen_text_diffusers"):
         assert cases[name]["status"] == "measured", (name, cases[name].get("reason"))
     for pair in bench.PAIRS:           # a saver diffusers lacks is compared with diffusers doing without it
         against = f"{bench.REFERENCE.get(pair, pair)}_diffusers"

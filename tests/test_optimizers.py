@@ -59,6 +59,21 @@ def test_default_is_torch_optimizer_bitwise_on_cpu(optim):
         assert torch.equal(p, q)
 
 
+def test_fused_adam_on_cpu_when_asked():
+    """--fused_adam True: torch's fused CPU kernel, equal to the plain update within fp32 rounding;
+    with --use_8bit_adam it is refused in one line (bitsandbytes has its own kernels)."""
+    model, x, y = regression()
+    opt = make_optimizer(model.parameters(), opt_args(fused_adam=True), "cpu")
+    assert opt.param_groups[0]["fused"]
+    train(model, opt, x, y, 5)
+    ref, x, y = regression()
+    train(ref, make_optimizer(ref.parameters(), opt_args(fused_adam=False), "cpu"), x, y, 5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="--fused_adam .* --use_8bit_adam"):
+        make_optimizer(model.parameters(), opt_args(fused_adam=True, use_8bit_adam=True), "cpu")
+
+
 def test_8bit_without_bitsandbytes_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # import bitsandbytes -> ImportError
     model, _, _ = regression()

@@ -39,6 +39,19 @@ def test_pretraining_writes_a_model_and_continues_from_it(tmp_path):
     assert "--init_from" in history["command"] and float(history["minutes"]) >= float(first_run["minutes"])
 
 
+def test_pretraining_refuses_a_device_it_cannot_use(tmp_path):
+    """--device (cuda on a GPU machine) is checked before any work, in one line."""
+    import torch
+
+    out = tmp_path / "m.safetensors"
+    bad = run_script("tools/pretrain_tiny.py", "--output", out, "--device", "tpu9", *TINY, check=False)
+    assert bad.returncode == 2 and "--device tpu9" in bad.stderr
+    if not torch.cuda.is_available():
+        gpu = run_script("tools/pretrain_tiny.py", "--output", out, "--device", "cuda", *TINY, check=False)
+        assert gpu.returncode == 2 and "no CUDA GPU" in gpu.stderr
+    assert not out.exists()
+
+
 def test_eval_pretraining_writes_models_the_evaluation_reads(tmp_path):
     from common.evaluation import scores
     from common.evaluation.models import load_clip_source, load_dino_source

@@ -16,27 +16,29 @@ def make_optimizer(params: Iterable[torch.Tensor], args, device) -> torch.optim.
     """The optimizer over `params` (already on `device`) that `args` asks for.
 
     args: optim ("adamw" or "adam"), start_learning_rate, betas (2 floats), adam_epsilon,
-    weight_decay and use_8bit_adam. Weight decay is AdamW's decoupled one; "adam" has none, with
-    or without 8 bits, as before. Raises UserError when `use_8bit_adam` cannot be honoured here.
+    weight_decay, use_8bit_adam and fused_adam (None: fused on CUDA only). Weight decay is AdamW's
+    decoupled one; "adam" has none, with or without 8 bits, as before. Raises UserError when `use_8bit_adam` cannot be honoured here.
     """
     params = list(params)
     device = torch.device(device)
     lr, betas, eps = args.start_learning_rate, tuple(args.betas), args.adam_epsilon
     adamw = args.optim == "adamw"
     if getattr(args, "use_8bit_adam", False):
+        if getattr(args, "fused_adam", None):
+            raise UserError("--fused_adam is torch's AdamW kernel; --use_8bit_adam uses bitsandbytes' own: pass one")
         bnb = _bitsandbytes()
         cls = bnb.optim.AdamW8bit if adamw else bnb.optim.Adam8bit
         _check_runs(cls, device, getattr(bnb, "__version__", "?"))
         if adamw:
             return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=args.weight_decay)
         return cls(params, lr=lr, betas=betas, eps=eps)
-    # fused=True on CUDA: one kernel for every parameter instead of the foreach kernels per step;
-    # the same arithmetic, equal to the unfused update within fp32 rounding (FMA), and much faster.
-    # torch 2.14 has a fused CPU kernel too, but elsewhere we keep torch's default (for a CPU the
-    # single-tensor loop): CPU training is for tests and debugging, where being bitwise equal to a
-    # plain torch.optim.AdamW (and to states saved before) matters more than speed, and the fused
-    # CPU kernel differs from it in the last bit.
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # fused: one kernel for every parameter instead of a loop or foreach kernels per step, the same
+    # arithmetic within fp32 rounding (FMA). On CUDA always, unless --fused_adam False. On the CPU only
+    # when asked: CPU training is mostly tests and debugging, where being bitwise equal to a plain
+    # torch.optim.AdamW (and to states saved before) matters more than speed, and the fused CPU kernel
+    # differs from it in the last bit.
+    want = getattr(args, "fused_adam", None)
+    fused = {"fused": True} if (device.type == "cuda" if want is None else want) else {}
     if adamw:
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=args.weight_decay, **fused)
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, **fused)
