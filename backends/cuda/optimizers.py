@@ -17,7 +17,8 @@ def make_optimizer(params: Iterable[torch.Tensor], args, device) -> torch.optim.
 
     args: optim ("adamw" or "adam"), start_learning_rate, betas (2 floats), adam_epsilon,
     weight_decay, use_8bit_adam and fused_adam (None: fused on CUDA only). Weight decay is AdamW's
-    decoupled one; "adam" has none, with or without 8 bits, as before. Raises UserError when `use_8bit_adam` cannot be honoured here.
+    decoupled one; "adam" has none, with or without 8 bits, as before. Raises UserError when
+    `use_8bit_adam` cannot be honoured here, or is asked together with `fused_adam`.
     """
     params = list(params)
     device = torch.device(device)
