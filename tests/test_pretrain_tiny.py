@@ -11,7 +11,8 @@ import numpy as np
 from conftest import ROOT
 from helpers.scripts import run_script
 
-CONFIG = os.path.join(ROOT, "configs", "tiny-v1-inference.yaml")
+CONFIG = os.path.join(ROOT, "configs", "tiny-v1-world.yaml")   # pretrain_tiny.py's default
+WORLD = os.path.join(ROOT, "assets", "tiny_world")
 TINY = ("--scenes", 24, "--batch_size", 4, "--threads", 1)
 
 
@@ -37,6 +38,10 @@ def test_pretraining_writes_a_model_and_continues_from_it(tmp_path):
     first_run, history = safetensors_metadata(str(first)), safetensors_metadata(str(second))
     assert history["command"].startswith(first_run["command"] + " ; then --output")   # how it was made, in order
     assert "--init_from" in history["command"] and float(history["minutes"]) >= float(first_run["minutes"])
+    # a run on an earlier VAE (--vae_from) records that run's command first, too
+    third = tmp_path / "third.safetensors"
+    run_script("tools/pretrain_tiny.py", "--output", third, "--vae_from", first, "--unet_steps", 1, *TINY)
+    assert safetensors_metadata(str(third))["command"].startswith(first_run["command"] + " ; then ")
 
 
 def test_pretraining_refuses_a_device_it_cannot_use(tmp_path):
@@ -72,7 +77,7 @@ def test_world_model_evaluation_names_what_the_samples_show(tmp_path):
     accuracies in results.json, a grid, and it keeps a filled output folder unless told."""
     import json
 
-    model = os.path.join(ROOT, "assets", "tiny_world", "tiny-v1-world.safetensors")
+    model = os.path.join(WORLD, "tiny-v1-world.safetensors")
     out = tmp_path / "eval"
     run_script("tools/eval_tiny_world.py", "--ckpt_path", model, "--output_dir", out, "--n_samples", 1,
                "--sampling_steps", 2)

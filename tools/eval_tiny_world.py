@@ -43,7 +43,7 @@ def main() -> int:
     p = UserArgumentParser(prog="eval_tiny_world.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_path", required=True, help="the model: an original-layout checkpoint of the tiny SD1 architecture")
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny-v1-inference.yaml"), help="its architecture yaml")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny-v1-world.yaml"), help="its architecture yaml")
     p.add_argument("--output_dir", required=True, help="folder for results.json, grid.png and the samples")
     p.add_argument("--n_samples", type=ranged(int, low=1), default=8, help="images per prompt (one batch, seeds from --seed)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

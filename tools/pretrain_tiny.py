@@ -160,8 +160,8 @@ def train_unet(unet, text, arch, latents, captions, args, torch):
 
 
 def run_metadata(arch, command: str, minutes: float, earlier=None) -> dict:
-    """The output's safetensors metadata; a continued run (--init_from) keeps the earlier runs'
-    commands, in order, and adds up the minutes."""
+    """The output's safetensors metadata; a run that builds on an earlier output (--init_from,
+    --vae_from) keeps the earlier runs' commands, in order, and adds up the minutes."""
     if earlier:
         command = f"{earlier.get('command', '?')} ; then {command}"
         minutes += float(earlier.get("minutes", 0))
@@ -172,7 +172,7 @@ def run_metadata(arch, command: str, minutes: float, earlier=None) -> dict:
 def main() -> int:
     p = UserArgumentParser(prog="pretrain_tiny.py", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/tiny-v1-inference.yaml", help="architecture yaml")
+    p.add_argument("--config", default="configs/tiny-v1-world.yaml", help="architecture yaml")
     p.add_argument("--output", required=True, help="the pretrained model, an original-layout .safetensors")
     p.add_argument("--scenes", type=int, default=20000, help="number of world scenes to train on")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the initial weights and the draws")
@@ -241,7 +241,7 @@ def main() -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     minutes = (time.time() - started) / 60
     save_state_dict(args.output, weights, overwrite=True, metadata=run_metadata(
-        arch, " ".join(sys.argv[1:]), minutes, safetensors_metadata(args.init_from) if args.init_from else None))
+        arch, " ".join(sys.argv[1:]), minutes, safetensors_metadata(earlier) if earlier else None))
     n = sum(int(v.size) for v in weights.values())
     print(f"wrote {args.output}: {n / 1e6:.2f}M parameters, fp16, {os.path.getsize(args.output) / 1e6:.1f} MB, "
           f"{minutes:.0f} min")
