@@ -7,8 +7,10 @@ with PyTorch on the CPU (or a GPU: --device cuda), in two stages:
 2. the UNet and the text encoder together, with the diffusion loss on the frozen VAE's latents,
    10% empty captions (classifier-free guidance needs them) and an EMA of the weights.
 
-    python tools/pretrain_tiny.py --config configs/tiny-v1-inference.yaml \\
-        --output assets/tiny_world/tiny-v1-world.safetensors [--unet_steps 6000] [--threads 2]
+    python tools/pretrain_tiny.py --output tiny-v1-world.safetensors [--config configs/tiny-v1-world.yaml] \\
+        [--vae_steps 1200] [--unet_steps 8000] [--threads 2]
+
+(assets/tiny_world/README.md gives the commands that made the committed model.)
 
 The result is an original-layout single file (fp16), which both backends load like any SD
 checkpoint. Everything is seeded; the same command on the same machine gives the same file.
@@ -179,7 +181,8 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=16, help="images per step, both stages")
     p.add_argument("--vae_steps", type=int, default=800, help="VAE training steps")
     p.add_argument("--vae_from", default=None,
-                   help="take the (already rescaled) VAE of an earlier output of this script and skip stage 1")
+                   help="take the (already rescaled) VAE of an earlier output of this script and skip stage 1 "
+                        "(like --init_from, the earlier run's command and minutes go into the metadata first)")
     p.add_argument("--init_from", default=None,
                    help="continue an earlier output of this script: its VAE is kept (stage 1 skipped) and its "
                         "UNet and text encoder are trained --unet_steps more (a fresh warm-up and cosine schedule)")
