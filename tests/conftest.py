@@ -50,7 +50,7 @@ def free_port() -> int:
 
 # The modules that take longest start first: with tests spread over processes by module
 # (pytest-xdist --dist loadscope), a long module started last would run alone at the end.
-_SLOW_FIRST = ("test_train_ascend.py", "test_train_ascend_cli.py", "test_resume_parallel.py", "test_ascend_models.py",
+_SLOW_FIRST = ("test_dreambooth_method.py", "test_train_ascend.py", "test_train_ascend_cli.py", "test_resume_parallel.py", "test_ascend_models.py",
                "test_cli.py", "test_ascend_pipeline.py", "test_mindone_compat.py", "test_long_prompts.py", "test_train_cuda.py")
 
 
