@@ -16,13 +16,14 @@ $(VENV)/.installed: $(LOCK)
 
 install: $(VENV)/.installed
 
-demo: install  ## tiny model + sample subject: DreamBooth training, then text_to_image (about a minute on CPU)
+demo: install  ## tiny world model + sample subject: DreamBooth, then base vs trained on the same seeds, scored (2 min on CPU)
 	$(PY) tools/demo.py
 
 # Tests run in parallel processes (pytest-xdist, one per core, at most 4): most of the suite's time
 # is single-threaded MindSpore graph compilation. A module's tests stay in one process, so its
-# compiled networks are shared (--dist loadscope).
-XDIST := -n auto --maxprocesses 4 --dist loadscope
+# compiled networks are shared (--dist loadscope), and the longest start first, in the order
+# tests/conftest.py gives (--no-loadscope-reorder: else xdist starts the scopes with most tests first).
+XDIST := -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
 
 test: install  ## the whole test suite (both backends)
 	$(PY) -m pytest -q $(XDIST) tests

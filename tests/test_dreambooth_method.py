@@ -9,7 +9,7 @@ base model.
 (a) subject fidelity: the identifier prompt's images come much closer to the subject's images;
 (b) context: "a sks robot on the beach" still shows a beach;
 (c) language drift: without prior preservation the class prompt's images move toward the subject,
-    with it much less;
+    with it less;
 (d) LoRA reaches the subject fidelity of full fine-tuning.
 
 The thresholds sit about halfway between what was measured (in each test's comment, torch and
