@@ -49,9 +49,11 @@ def free_port() -> int:
 
 
 # The modules that take longest start first: with tests spread over processes by module
-# (pytest-xdist --dist loadscope), a long module started last would run alone at the end.
-_SLOW_FIRST = ("test_dreambooth_method.py", "test_train_ascend.py", "test_train_ascend_cli.py", "test_resume_parallel.py", "test_ascend_models.py",
-               "test_cli.py", "test_ascend_pipeline.py", "test_mindone_compat.py", "test_long_prompts.py", "test_train_cuda.py")
+# (pytest-xdist --dist loadscope --no-loadscope-reorder, see the Makefile), a long module started
+# last would run alone at the end.
+_SLOW_FIRST = ("test_dreambooth_method.py", "test_train_ascend.py", "test_train_ascend_cli.py",
+               "test_resume_parallel.py", "test_ascend_models.py", "test_cli.py", "test_ascend_pipeline.py",
+               "test_mindone_compat.py", "test_long_prompts.py", "test_train_cuda.py")
 
 
 def pytest_collection_modifyitems(config, items):

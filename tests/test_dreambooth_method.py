@@ -22,26 +22,27 @@ import os
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import ROOT, SUBJECT
 from helpers.scripts import run_script
 
 WORLD = os.path.join(ROOT, "assets", "tiny_world")
-MODEL = os.path.join(WORLD, "tiny-v1-world.safetensors")
-CONFIG = os.path.join(ROOT, "configs", "tiny-v1-world.yaml")
-IDENTITY, BEACH, CLASS = "a photo of sks robot", "a sks robot on the beach", "a photo of a robot"
+# the demo's recipe, as `make demo` trains it: 400 steps of batch 1 at 1e-4 with gradient clipping
+# at 1, the text encoder frozen (diffusers' and MindONE's default; training it with prior
+# preservation blurs the subject on this model), 16 class images
+TRAIN_CONFIG = os.path.join(ROOT, "configs", "train", "train_config_dreambooth_tiny.yaml")
+with open(TRAIN_CONFIG) as _f:
+    DEMO = yaml.safe_load(_f)
+MODEL, CONFIG = (os.path.join(ROOT, DEMO[k]) for k in ("pretrained_model_path", "model_config"))
+IDENTITY, CLASS, STEPS = DEMO["instance_prompt"], DEMO["class_prompt"], DEMO["max_train_steps"]
+BEACH = "a sks robot on the beach"
 PROMPTS = (IDENTITY, BEACH, CLASS)
 SAMPLES = 8
-# the demo's recipe (configs/train/train_config_dreambooth_tiny.yaml): the text encoder stays frozen,
-# as diffusers' and MindONE's scripts default to (training it with prior preservation blurs the
-# subject on this model); 400 steps of batch 1 at 1e-4 with gradient clipping at 1
-STEPS = 400
-RECIPE = ("--train_batch_size", 1, "--max_grad_norm", 1, "--train_text_encoder", "False", "--image_size", 64,
-          "--seed", 0, "--start_learning_rate", 1e-4, "--max_train_steps", STEPS, "--ckpt_save_steps", STEPS)
-RUNS = {
-    "prior": ("--with_prior_preservation", "True"),
+RUNS = {  # name: flags on top of the demo's (which has prior preservation)
+    "prior": (),
     "no_prior": ("--with_prior_preservation", "False"),
-    "lora": ("--with_prior_preservation", "True", "--use_lora", "True", "--lora_rank", 8, "--start_learning_rate", 1e-3),
+    "lora": ("--use_lora", "True", "--lora_rank", 8, "--start_learning_rate", 1e-3),
 }
 # the renderer's beach (tools/make_sample_subject.py draws the world's backgrounds)
 SAND, SEA = np.array([238, 214, 150]), np.array([30, 110, 190])
@@ -65,11 +66,9 @@ def dreambooth(backend: str, root: str) -> dict:
     images = {"base": sample(backend, os.path.join(root, "base"), MODEL)}
     for name, flags in RUNS.items():
         out = os.path.join(root, name)
-        run_script("train_dreambooth.py", "--backend", backend, "--pretrained_model_path", MODEL,
-                   "--model_config", CONFIG, "--instance_data_dir", SUBJECT, "--instance_prompt", IDENTITY,
-                   "--class_data_dir", os.path.join(root, "class_images"), "--class_prompt", CLASS,
-                   "--num_class_images", 16, "--sample_batch_size", 8, "--sampling_steps", 20,
-                   "--output_path", out, "--report_to", "none", *RECIPE, *flags)
+        run_script("train_dreambooth.py", "--train_config", TRAIN_CONFIG, "--backend", backend,
+                   "--class_data_dir", os.path.join(root, "class_images"), "--output_path", out,
+                   "--report_to", "none", "--validation_prompts", *flags)
         if "--use_lora" in flags:
             lora = ("--use_lora", "True", "--lora_ckpt_path", os.path.join(out, "ckpt", f"lora-{STEPS}"))
             images[name] = sample(backend, os.path.join(out, "samples"), MODEL, *lora)
@@ -78,28 +77,25 @@ def dreambooth(backend: str, root: str) -> dict:
     return images
 
 
-class Judges:
-    """The world CLIP and DINO as eval_dreambooth.py loads them: mean cosine of images to the
-    subject's images."""
+def judge(backend: str, images: dict) -> dict:
+    """{model: {prompt: {"clip_i", "dino"}}}: eval_dreambooth's per-prompt scores with the world's
+    CLIP and DINO (mean cosine of the images to the subject's images)."""
+    from common.evaluation.arguments import clip_tokenizer
+    from common.evaluation.models import load_clip_source, load_dino_source
+    from common.evaluation.scores import evaluate_dreambooth, load_clip_encoder, load_dino_encoder
 
-    def __init__(self, backend: str):
-        from common.evaluation import scores
-        from common.evaluation.models import load_clip_source, load_dino_source
-
-        self.s = scores
-        clip = load_clip_source(os.path.join(WORLD, "world_clip.safetensors"), None, os.path.join(WORLD, "world_clip.json"))
-        dino = load_dino_source(os.path.join(WORLD, "world_dino.safetensors"), None, os.path.join(WORLD, "world_dino.json"))
-        self.clip = scores.load_clip_encoder(backend, clip)
-        self.dino = scores.load_dino_encoder(backend, dino)
-        self.subject = self._embed(sorted(glob.glob(os.path.join(SUBJECT, "*.png"))))
-
-    def _embed(self, paths):
-        return {"clip_i": self.s.embed_images(self.clip, paths, self.s.CLIP_MEAN, self.s.CLIP_STD),
-                "dino": self.s.embed_images(self.dino, paths, self.s.IMAGENET_MEAN, self.s.IMAGENET_STD)}
-
-    def to_subject(self, paths) -> dict:
-        """{"clip_i", "dino"}: mean cosine of the images to the subject's images."""
-        return {k: float(self.s.cosine_matrix(e, self.subject[k]).mean()) for k, e in self._embed(paths).items()}
+    clip_source = load_clip_source(os.path.join(WORLD, "world_clip.safetensors"), None,
+                                   os.path.join(WORLD, "world_clip.json"))
+    dino_source = load_dino_source(os.path.join(WORLD, "world_dino.safetensors"), None,
+                                   os.path.join(WORLD, "world_dino.json"))
+    clip, dino = load_clip_encoder(backend, clip_source), load_dino_encoder(backend, dino_source)
+    tokenizer = clip_tokenizer(clip_source, None)
+    subject = sorted(glob.glob(os.path.join(SUBJECT, "*.png")))
+    out = {}
+    for model, prompts in images.items():
+        results = evaluate_dreambooth(clip, tokenizer, list(prompts.items()), subject, dino=dino, identifier="sks")
+        out[model] = {e["prompt"]: {"clip_i": e["clip_i"], "dino": e["dino"]} for e in results["prompts"]}
+    return out
 
 
 def beach_share(paths) -> float:
@@ -124,8 +120,7 @@ class _Method:
     @pytest.fixture(scope="class")
     def measured(self, tmp_path_factory):
         images = dreambooth(self.backend, str(tmp_path_factory.mktemp(f"method_{self.backend}")))
-        judges = Judges(self.backend)
-        scores = {run: {p: judges.to_subject(paths) for p, paths in prompts.items()} for run, prompts in images.items()}
+        scores = judge(self.backend, images)
         beach = {run: {p: beach_share(paths) for p, paths in prompts.items()} for run, prompts in images.items()}
         print(self.backend, scores, beach)
         return scores, beach

@@ -20,15 +20,18 @@ import subprocess
 import sys
 
 import numpy as np
+import yaml
 
 import _path  # noqa: F401
 
 ROOT = _path.ROOT
 OUT = os.path.join(ROOT, "demo_output")
 WORLD = os.path.join(ROOT, "assets", "tiny_world")
-MODEL = os.path.join(WORLD, "tiny-v1-world.safetensors")
-CONFIG = os.path.join(ROOT, "configs", "tiny-v1-world.yaml")
 TRAIN_CONFIG = os.path.join(ROOT, "configs", "train", "train_config_dreambooth_tiny.yaml")
+with open(TRAIN_CONFIG, encoding="utf-8") as _f:
+    _TRAINING = yaml.safe_load(_f)
+# the base model is the one the training starts from
+MODEL, CONFIG = (os.path.join(ROOT, _TRAINING[k]) for k in ("pretrained_model_path", "model_config"))
 PROMPTS = ("a photo of sks robot", "a sks robot on the beach", "a sks robot in the snow", "a photo of a robot")
 SAMPLES = 4
 
@@ -104,16 +107,15 @@ def main() -> int:
     with open(os.path.join(OUT, "prompts.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(PROMPTS) + "\n")
     before_images = sample(MODEL, os.path.join(OUT, "before"), args.backend)
-    run("train_dreambooth.py", "--train_config", TRAIN_CONFIG, "--backend", args.backend, "--overwrite", "True")
-    checkpoints = sorted(glob.glob(os.path.join(OUT, "dreambooth", "ckpt", "sd-*.safetensors")),
-                         key=lambda p: int(os.path.basename(p)[3:].split(".")[0]))
-    after_images = sample(checkpoints[-1], os.path.join(OUT, "after"), args.backend)
+    run("train_dreambooth.py", "--train_config", TRAIN_CONFIG, "--backend", args.backend)
+    checkpoint = os.path.join(ROOT, _TRAINING["output_path"], "ckpt", f"sd-{_TRAINING['max_train_steps']}.safetensors")
+    after_images = sample(checkpoint, os.path.join(OUT, "after"), args.backend)
     before, after = (evaluate(os.path.join(OUT, w), args.backend) for w in ("before", "after"))
     path = report(before, after, before_images, after_images)
     print("\n             CLIP-T  CLIP-I  DINO")
     for when, r in (("before", before), ("after", after)):
         print(f"  {when:9s}  " + "  ".join(f"{r['scores'][k]['cosine']:.3f}" for k in ("clip_t", "clip_i", "dino")))
-    print(f"\ndemo done:\n  trained checkpoint  {checkpoints[-1]}\n  loss log            "
+    print(f"\ndemo done:\n  trained checkpoint  {checkpoint}\n  loss log            "
           f"{os.path.join(OUT, 'dreambooth', 'loss.csv')}\n  report              {path}")
     return 0
 
